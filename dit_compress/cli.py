@@ -1,0 +1,204 @@
+"""`ditc`: a thin command line over the library. Errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import DitcError
+
+EXIT_ERROR, EXIT_GATE = 2, 1
+
+
+def _errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DitcError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_ERROR)
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[ditc] %(message)s"))
+    log = logging.getLogger("dit_compress")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _print_gate(report: dict) -> int:
+    from .evaluate.gate import describe_failures
+
+    gate = report.get("gate")
+    if not gate:
+        return 0
+    for line in describe_failures(gate):
+        click.echo(line, err=True)
+    click.echo(f"quality gate: {'passed' if gate['passed'] else 'FAILED'} ({len(gate['rules'])} rules)")
+    return 0 if gate["passed"] else EXIT_GATE
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dit_compress")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """dit_compress: compress Diffusion Transformers, export them, and gate their quality."""
+    _setup_logging(verbose)
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a recipe field, e.g. stages.0.prune.ratio=0.25 (repeatable).")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@set_option
+@_errors
+def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE (types, ranges, stage names and keys) without loading any weights."""
+    from .core.recipe import load_recipe
+
+    r = load_recipe(recipe, list(overrides))
+    click.echo(f"ok: {r.name} ({len(r.stages)} stage(s): {', '.join(s.name for s in r.stages)}; hash {r.hash})")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@set_option
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (default exports/NAME).")
+@_errors
+def run(recipe: Path, overrides: tuple[str, ...], out: Path | None) -> None:
+    """Run RECIPE end to end; exit 1 if its quality gate fails. Re-running resumes."""
+    from .core.pipeline import run_recipe
+    from .core.recipe import load_recipe
+
+    r = load_recipe(recipe, list(overrides))
+    out = out or Path("exports") / r.name
+    report = run_recipe(r, out)
+    _summary(report, out)
+    sys.exit(_print_gate(report))
+
+
+def _summary(report: dict, out: Path) -> None:
+    q, c = report["quality"], report["cost"]
+    parts = [f"params x{c['param_ratio']}", f"MACs x{c['macs_ratio']}", f"PSNR {q['psnr_db']:.2f} dB"]
+    if "fd_ratio" in q:
+        parts += [f"FD ratio {q['fd_ratio']:.3f}",
+                  f"guided acc {q['guided_accuracy_teacher']:.3f} -> {q['guided_accuracy_student']:.3f}"]
+    if "onnx_latency_ratio" in c:
+        parts.append(f"ONNX latency x{c['onnx_latency_ratio']}")
+    click.echo(f"{out}/report.md: " + ", ".join(parts))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--ratio", type=float, help="Fraction of blocks to remove (chosen by Block Influence).")
+@click.option("--remove", help="Comma-separated block indices to remove instead of --ratio.")
+@click.option("--steps", type=int, default=600, show_default=True, help="Recovery distillation steps.")
+@click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@_errors
+def prune(model: str, ratio: float | None, remove: str | None, steps: int, subfolder: str | None, out: Path) -> None:
+    """Depth-prune MODEL (zoo:NAME, folder, hub id) and recover it; writes a full run folder."""
+    from .core.pipeline import run_recipe
+    from .core.recipe import parse_recipe
+
+    cfg: dict = {"recover": {"steps": steps, "feature_weight": 1.0}}
+    if remove:
+        cfg["remove"] = [int(i) for i in remove.split(",")]
+    if ratio is not None:
+        cfg["ratio"] = ratio
+    r = parse_recipe({"name": out.name, "model": {"source": model, "subfolder": subfolder},
+                      "stages": [{"prune": cfg}]}, "ditc prune")
+    report = run_recipe(r, out)
+    _summary(report, out)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--steps", type=int, default=300, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--feature-weight", type=float, default=0.0, show_default=True)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="New checkpoint folder.")
+@_errors
+def distill(checkpoint: Path, steps: int, lr: float, feature_weight: float, out: Path) -> None:
+    """Continue distilling a compressed CHECKPOINT from its teacher; writes a new checkpoint."""
+    from .core.pipeline import distill_checkpoint
+
+    distill_checkpoint(checkpoint, out, steps=steps, lr=lr, feature_weight=feature_weight)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .onnx path.")
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity limit (max abs error).")
+@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
+@_errors
+def export(model: str, out: Path, batch: int, atol: float, latent_size: int | None) -> None:
+    """Export MODEL (a compressed checkpoint or any loadable model) to ONNX with a parity check."""
+    from .core.manifest import MANIFEST, load_compressed
+    from .export.onnx import export_onnx
+    from .models.load import load_transformer
+
+    loaded = load_compressed(model) if (Path(model) / MANIFEST).is_file() else load_transformer(
+        model, latent_size=latent_size)
+    info = export_onnx(loaded.model, loaded.adapter, out, batch=batch, atol=atol)
+    click.echo(f"wrote {out}: parity max abs error {info['parity']['max_abs_error']:.3g} (limit {atol:g})")
+
+
+@main.command()
+@click.argument("report", type=click.Path(path_type=Path))
+@click.option("--gate", "gate_file", type=click.Path(path_type=Path),
+              help="YAML recipe or gate list to check instead of the report's own gate.")
+@_errors
+def check(report: Path, gate_file: Path | None) -> None:
+    """Re-check the quality gate of REPORT (report.json); exit 1 if it is violated."""
+    import yaml
+
+    from .core.recipe import GateRule
+    from .errors import RecipeError
+    from .evaluate.gate import check_gate
+
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecipeError(f"cannot read report {report}: {e}") from None
+    if gate_file is not None:
+        raw = yaml.safe_load(gate_file.read_text())
+        rules = raw.get("gate", []) if isinstance(raw, dict) else raw
+    else:
+        rules = data.get("recipe", {}).get("gate", [])
+    if not rules:
+        raise RecipeError(f"{report}: no gate rules (add a `gate:` section or pass --gate)")
+    try:
+        rules = [GateRule.model_validate(r).model_dump() for r in rules]
+    except Exception as e:
+        raise RecipeError(f"gate: invalid rule ({str(e).splitlines()[0]})") from None
+    data["gate"] = check_gate(data, rules)
+    sys.exit(_print_gate(data))
+
+
+@main.command("zoo-train")
+@click.option("--out", type=click.Path(path_type=Path), help="Zoo folder (default: the package's own).")
+@click.option("--steps", type=int, default=6000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def zoo_train(out: Path | None, steps: int, seed: int) -> None:
+    """Retrain the bundled digits classifier and DiT teacher (about 30 CPU minutes)."""
+    from .models.load import ZOO_DIR
+    from .train.zoo import train_zoo
+
+    click.echo(json.dumps(train_zoo(out or ZOO_DIR, steps=steps, seed=seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()

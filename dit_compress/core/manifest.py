@@ -1,0 +1,119 @@
+"""Compressed checkpoints: manifest.json (base reference + stage history) + safetensors weights.
+
+`load_compressed` rebuilds the base architecture from the stored config, replays every
+stage's `restore`, then loads the weights strictly. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import CheckpointError
+from ..models.families import get_adapter
+from ..models.load import LoadedModel, build_from_config
+from .stage import STAGES, get_stage
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "ditc-compressed/1"
+
+
+@dataclass
+class StageRecord:
+    name: str
+    config: dict
+    metadata: dict
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "config": self.config, "metadata": self.metadata}
+
+
+def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
+    """What `restore` needs (class + config) and where the teacher came from (for re-distilling)."""
+    return {
+        "source": teacher.source,
+        "model_spec": model_spec,
+        "class_name": teacher.class_name,
+        "config": {k: v for k, v in dict(teacher.model.config).items() if not k.startswith("_")},
+        "latent_size": model_spec.get("latent_size"),
+        "scheduler_config": teacher.scheduler_config,
+        "card": teacher.card,
+    }
+
+
+def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[StageRecord],
+                    recipe_hash: str | None = None, extra: dict | None = None) -> Path:
+    """Write the checkpoint atomically: a reader never sees a half-written folder."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    manifest = {
+        "format": FORMAT,
+        "dit_compress_version": __version__,
+        "base": base,
+        "stages": [s.to_json() for s in stages],
+        "recipe_hash": recipe_hash,
+        **(extra or {}),
+    }
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if all(STAGES[s.name].stock_architecture for s in stages if s.name in STAGES):
+        # Still a stock diffusers class: also a folder that plain `from_pretrained` loads.
+        model.save_pretrained(tmp / "diffusers")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"not a compressed checkpoint: {path} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def load_compressed(folder: str | Path) -> LoadedModel:
+    """Rebuild a compressed model from its folder; outputs equal those before saving."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    base = manifest["base"]
+    model = build_from_config({"_class_name": base["class_name"], **base["config"]})
+    adapter = get_adapter(model, base.get("latent_size"))
+    for i, rec in enumerate(manifest["stages"]):
+        stage = get_stage(rec["name"])
+        config = stage.config_cls.model_validate(rec["config"])
+        try:
+            model = stage.restore(model, config, rec["metadata"], adapter)
+        except Exception as e:
+            raise CheckpointError(f"{folder}: cannot replay stage {i} ({rec['name']}): {e}") from None
+    weights = folder / WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights} is missing") from None
+    except Exception as e:
+        raise CheckpointError(f"{weights}: corrupt weights ({str(e).splitlines()[0]})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match the replayed architecture: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, get_adapter(model, base.get("latent_size")), base["scheduler_config"],
+                       f"compressed:{folder}", base.get("card") or {})

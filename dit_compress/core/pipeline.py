@@ -1,0 +1,156 @@
+"""Run a recipe end to end: load -> calibrate -> stages (+ recovery) -> save -> export -> evaluate -> gate.
+
+Outputs, in the output folder:
+    checkpoint/          manifest.json + model.safetensors (+ diffusers/ when still a stock class)
+    onnx/student.onnx    the compressed denoiser, parity-checked (teacher.onnx for latency)
+    report.json, report.md, samples.png, curves.png
+    .work/               calibration cache, per-stage checkpoints, distillation checkpoints (resume)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..data.calibration import CalibrationSpec, build_calibration
+from ..evaluate.evaluator import Evaluator
+from ..evaluate.gate import check_gate
+from ..evaluate.report import save_curves, save_grid, write_json, write_markdown
+from ..export.onnx import export_onnx
+from ..models.load import LoadedModel, load_transformer
+from ..train.distill import DistillConfig, Distiller
+from .manifest import MANIFEST, StageRecord, base_reference, load_compressed, read_manifest, save_compressed
+from .recipe import Recipe
+from .stage import StageContext, get_stage
+
+log = logging.getLogger("dit_compress")
+
+
+def load_teacher(recipe: Recipe) -> LoadedModel:
+    m = recipe.model
+    return load_transformer(m.source, m.subfolder, m.config, m.latent_size)
+
+
+def _stage_dir(work: Path, i: int, name: str) -> Path:
+    return work / f"stage{i}-{name}"
+
+
+def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path) -> tuple[LoadedModel, list[dict]]:
+    """Apply each stage to a copy of the teacher, recovering after each; resumable per stage."""
+    base = base_reference(teacher, recipe.model.model_dump())
+    model = copy.deepcopy(teacher.model)
+    records: list[StageRecord] = []
+    summaries: list[dict] = []
+    for i, spec in enumerate(recipe.stages):
+        stage = get_stage(spec.name)
+        done = _stage_dir(work, i, spec.name)
+        if (done / MANIFEST).is_file() and read_manifest(done).get("resume_key") == _resume_key(recipe, i):
+            log.info("stage %d (%s): already done, restoring from %s", i, spec.name, done)
+            model = load_compressed(done).model
+            manifest = read_manifest(done)
+            records = [StageRecord(**r) for r in manifest["stages"]]
+            summaries = manifest["summaries"]
+            continue
+        log.info("stage %d (%s): applying", i, spec.name)
+        t0 = time.time()
+        ctx = StageContext(teacher=teacher, calibration=calib, work_dir=done.with_suffix(".work"))
+        model, metadata = stage.apply(model, spec.config, ctx)
+        summary = {"name": spec.name, "config": spec.config.model_dump(mode="json"), "metadata": metadata,
+                   "apply_seconds": round(time.time() - t0, 2)}
+        recover = getattr(spec.config, "recover", None)
+        if recover is not None:
+            log.info("stage %d (%s): recovering by distillation (%d steps)", i, spec.name, recover.steps)
+            model.requires_grad_(True)
+            summary["recovery"] = Distiller(
+                teacher.model, model, teacher.adapter, calib, recover, ctx.work_dir,
+                layer_map=stage.layer_map(metadata), desc=f"recover {spec.name}").run()
+            model.eval().requires_grad_(False)
+        records.append(StageRecord(spec.name, summary["config"], metadata))
+        summaries.append(summary)
+        save_compressed(done, model, base, records, recipe.hash,
+                        {"resume_key": _resume_key(recipe, i), "summaries": summaries})
+    student = LoadedModel(model, teacher.adapter.__class__(model, recipe.model.latent_size),
+                          teacher.scheduler_config, teacher.source, teacher.card)
+    return student, summaries
+
+
+def _resume_key(recipe: Recipe, i: int) -> str:
+    # A stage's result depends on the model, calibration and stages up to and including it.
+    import hashlib
+    import json
+
+    d = recipe.to_dict()
+    key = [d["model"], d["calibration"], d["stages"][: i + 1]]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
+    """Run `recipe`, writing everything under `out_dir`; returns the report (with gate result)."""
+    teacher = load_teacher(recipe)  # fails before anything is written
+    out = Path(out_dir)
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    log.info("calibration: %d teacher samples", recipe.calibration.num_samples)
+    calib = build_calibration(teacher, recipe.calibration, work)
+    student, summaries = run_stages(recipe, teacher, calib, work)
+
+    base = base_reference(teacher, recipe.model.model_dump())
+    records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
+    ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
+                           {"recipe": recipe.to_dict()})
+
+    export_info = None
+    student_onnx = teacher_onnx = None
+    if recipe.export.onnx:
+        log.info("exporting ONNX (dynamo) with parity check")
+        e = recipe.export
+        export_info = export_onnx(student.model, student.adapter, out / "onnx" / "student.onnx",
+                                  e.batch, e.opset, e.parity_atol)
+        student_onnx = out / "onnx" / "student.onnx"
+        teacher_onnx = out / "onnx" / "teacher.onnx"  # for the latency ratio, measured in this run
+        export_onnx(teacher.model, teacher.adapter, teacher_onnx, e.batch, e.opset, e.parity_atol)
+
+    ev = Evaluator(teacher, calib, recipe.evaluation)
+    quality, pictures = ev.quality(student)
+    cost = ev.cost(student, student_onnx, teacher_onnx, str(ckpt))
+    report = {
+        "version": __version__, "recipe": recipe.to_dict(), "recipe_hash": recipe.hash,
+        "teacher": teacher.source, "family": teacher.adapter.family,
+        "quality": quality, "cost": cost, "export": export_info, "stages": summaries,
+        "artifacts": {"checkpoint": str(ckpt), "onnx": str(student_onnx) if student_onnx else None},
+        "wall_seconds": round(time.time() - t_start, 1),
+    }
+    report["gate"] = check_gate(report, [r.model_dump() for r in recipe.gate]) if recipe.gate else None
+    labels = None
+    if teacher.adapter.num_classes:
+        labels = ev._inputs(recipe.evaluation.seeds[0], pictures["teacher"].shape[0])[0]["class_labels"]
+    save_grid(out / "samples.png", pictures["teacher"], pictures["student"], labels)
+    save_curves(out / "curves.png", report)
+    write_markdown(out / "report.md", report)
+    write_json(out / "report.json", report)
+    return report
+
+
+def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: float,
+                       feature_weight: float = 0.0) -> Path:
+    """More recovery for an existing compressed checkpoint, against the teacher it came from."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    manifest = read_manifest(checkpoint)
+    student = load_compressed(checkpoint)
+    spec = manifest["base"]["model_spec"]
+    teacher = load_transformer(spec["source"], spec.get("subfolder"), spec.get("config"), spec.get("latent_size"))
+    work = out.with_name(out.name + ".work")
+    calib = build_calibration(teacher, CalibrationSpec(), work)
+    records = [StageRecord(**r) for r in manifest["stages"]]
+    layer_map = []
+    if feature_weight > 0 and records:
+        layer_map = get_stage(records[-1].name).layer_map(records[-1].metadata)
+    student.model.requires_grad_(True)
+    config = DistillConfig(steps=steps, lr=lr, feature_weight=feature_weight)
+    Distiller(teacher.model, student.model, teacher.adapter, calib, config, work, layer_map, "distill").run()
+    student.model.eval().requires_grad_(False)
+    return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"))

@@ -1,0 +1,146 @@
+"""Recipes: YAML (safe-loaded) -> a validated, hashed description of one reproducible compression."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..data.calibration import CalibrationSpec
+from ..errors import RecipeError
+from .stage import StageConfig, format_validation_error, parse_stage_config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    source: str = Field(description="zoo:NAME, a diffusers folder, a hub id, or a .safetensors file")
+    subfolder: str | None = None
+    config: str | None = Field(None, description="config.json for a bare .safetensors file")
+    latent_size: int | None = Field(None, ge=2, description="latent height/width if not in the config")
+
+
+class EvaluationSpec(_Strict):
+    num_samples: int = Field(500, ge=10, description="samples per seed for class and Fréchet metrics")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    compare_samples: int = Field(100, ge=1, description="student-vs-teacher samples for PSNR/SSIM")
+    sampling_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=1.0)
+    denoiser_samples: int = Field(256, ge=8)
+    timestep_bands: int = Field(4, ge=1, le=20)
+    latency_batch: int = Field(16, ge=1)
+    latency_repeats: int = Field(20, ge=3)
+
+
+class GateRule(_Strict):
+    metric: str = Field(description="dotted path into report.json, e.g. quality.fd_ratio")
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        if (self.max is None) == (self.min is None):
+            raise ValueError("give exactly one of `max` or `min`")
+        return self
+
+
+class ExportSpec(_Strict):
+    onnx: bool = True
+    batch: int = Field(2, ge=1, description="example batch used for tracing (the axis stays dynamic)")
+    opset: int | None = Field(None, ge=17)
+    parity_atol: float = Field(1e-4, gt=0)
+
+
+class StageSpec(_Strict):
+    name: str
+    config: StageConfig
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    model: ModelSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    stages: list[StageSpec] = Field(min_length=1)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    gate: list[GateRule] = Field(default_factory=list)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    def to_dict(self) -> dict:
+        d = self.model_dump(mode="json", exclude={"stages"})
+        d["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
+        return d
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {dotted}: {'.'.join(parts[:i]) or 'recipe'} has no item {part!r}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}  # `--set stages.0.prune.recover.steps=5` may create a section
+                node = node[part]
+        else:
+            raise RecipeError(f"--set {dotted}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides; values are parsed as YAML scalars (1e-4, true, [1, 2])."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping at the top level")
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise RecipeError(f"{where}: stages: give a non-empty list like `- prune: {{ratio: 0.5}}`")
+    stages = []
+    for i, item in enumerate(raw_stages):
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(f"{where}: stages[{i}]: each stage is a one-key mapping `- NAME: {{config}}`")
+        (name, cfg), = item.items()
+        stages.append(StageSpec(name=name, config=parse_stage_config(name, cfg, f"{where}: stages[{i}].{name}")))
+    if "model" not in data:
+        raise RecipeError(f"{where}: model: missing (add `model: {{source: zoo:digits-dit}}`)")
+    try:
+        return Recipe.model_validate({**data, "stages": stages})
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, f"{where}:")) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_recipe(apply_overrides(data or {}, overrides or []), str(path))

@@ -1,0 +1,95 @@
+"""Stages: a validated config, a data-driven `apply`, and a deterministic `restore`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import RecipeError
+
+if TYPE_CHECKING:
+    from ..data.calibration import CalibrationSet
+    from ..models.families import FamilyAdapter
+    from ..models.load import LoadedModel
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors, defaults are the paper's values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class StageContext:
+    """What a stage may look at while it transforms the student."""
+
+    teacher: "LoadedModel"
+    calibration: "CalibrationSet"
+    work_dir: Path
+    seed: int = 0
+
+
+class Stage(ABC):
+    """One compression method. `apply` records every data-driven choice in its metadata so that
+    `restore` can rebuild the same architecture on a fresh base model without data."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[StageConfig]]
+    # True when the result is still a stock diffusers class that `from_pretrained` can load.
+    stock_architecture: ClassVar[bool] = True
+
+    @abstractmethod
+    def apply(self, model: nn.Module, config: StageConfig, ctx: StageContext) -> tuple[nn.Module, dict]:
+        """Transform `model` (a copy of the teacher or of the previous stage's output)."""
+
+    @abstractmethod
+    def restore(self, model: nn.Module, config: StageConfig, metadata: dict,
+                adapter: "FamilyAdapter") -> nn.Module:
+        """Replay the transformation recorded in `metadata`; weights are loaded afterwards."""
+
+    def layer_map(self, metadata: dict) -> list[tuple[str, str]]:
+        """(student module, teacher module) pairs whose outputs recovery may match."""
+        return []
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    if cls.name in STAGES:
+        raise ValueError(f"stage {cls.name!r} registered twice")
+    STAGES[cls.name] = cls
+    return cls
+
+
+def get_stage(name: str) -> Stage:
+    from .. import stages  # noqa: F401  (registers the built-in stages)
+
+    if name not in STAGES:
+        raise RecipeError(f"unknown stage {name!r}; available: {', '.join(sorted(STAGES))}")
+    return STAGES[name]()
+
+
+def parse_stage_config(name: str, raw: Any, where: str) -> StageConfig:
+    """Validate a stage's config mapping; errors name the field and the recipe location."""
+    from pydantic import ValidationError
+
+    stage = get_stage(name)
+    try:
+        return stage.config_cls.model_validate(raw or {})
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, where)) from None
+
+
+def format_validation_error(e, where: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    field = (f"{where} {loc}" if where.endswith(":") else f"{where}.{loc}") if loc else where.rstrip(":")
+    if err["type"] == "extra_forbidden":
+        return f"{field}: unknown key (check the spelling; see `ditc validate --help`)"
+    return f"{field}: {err['msg']} (got {err.get('input')!r})"

@@ -1,0 +1,73 @@
+"""Cost metrics: parameters, MACs, latency (PyTorch and ONNX Runtime) and peak memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models.families import FamilyAdapter
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def macs_per_sample(model: nn.Module, adapter: FamilyAdapter) -> int:
+    """Multiply-accumulates of one forward at batch 1 (PyTorch's FLOP counter / 2)."""
+    x, t, cond = adapter.example_inputs(1)
+    with FlopCounterMode(display=False) as counter:
+        adapter.denoise(model, x, t, cond)
+    return int(counter.get_total_flops() // 2)
+
+
+def _summary(times: list[float]) -> dict:
+    ms = np.array(times) * 1000
+    q1, med, q3 = np.percentile(ms, [25, 50, 75])
+    return {"median_ms": round(float(med), 3), "iqr_ms": round(float(q3 - q1), 3), "runs": len(ms)}
+
+
+@torch.no_grad()
+def torch_latency(model: nn.Module, adapter: FamilyAdapter, batch: int, repeats: int) -> dict:
+    x, t, cond = adapter.example_inputs(batch)
+    for _ in range(3):
+        adapter.denoise(model, x, t, cond)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        adapter.denoise(model, x, t, cond)
+        times.append(time.perf_counter() - t0)
+    return {"batch": batch, **_summary(times)}
+
+
+def onnx_latency(onnx_path, adapter: FamilyAdapter, batch: int, repeats: int) -> dict:
+    from ..export.onnx import ort_session, ort_feeds
+
+    sess = ort_session(onnx_path)
+    feeds = ort_feeds(*adapter.example_inputs(batch))
+    for _ in range(3):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return {"batch": batch, **_summary(times)}
+
+
+def peak_memory(checkpoint: str, batch: int) -> dict:
+    """Peak resident memory of a fresh process that loads `checkpoint` and runs one forward.
+
+    A separate process, because the evaluating process already holds teacher and student."""
+    out = subprocess.run([sys.executable, "-m", "dit_compress.evaluate.memory", checkpoint, str(batch)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])

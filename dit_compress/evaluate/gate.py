@@ -1,0 +1,39 @@
+"""The quality gate: bounds on report metrics that CI asserts with an exit code."""
+
+from __future__ import annotations
+
+
+def lookup(report: dict, dotted: str) -> float | None:
+    """The number at `dotted` in the report, or None if it is absent or not a number."""
+    node = report
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def check_gate(report: dict, rules: list[dict]) -> dict:
+    """Evaluate every rule; a missing metric fails its rule. `passed` is False if any rule fails."""
+    results = []
+    for rule in rules:
+        value = lookup(report, rule["metric"])
+        kind = "max" if rule.get("max") is not None else "min"
+        bound = rule[kind]
+        ok = value is not None and (value <= bound if kind == "max" else value >= bound)
+        results.append({"metric": rule["metric"], "kind": kind, "bound": bound, "value": value, "ok": ok,
+                        "by": None if value is None else (0.0 if ok else round(abs(value - bound), 6))})
+    return {"passed": all(r["ok"] for r in results), "rules": results}
+
+
+def describe_failures(gate: dict) -> list[str]:
+    lines = []
+    for r in gate["rules"]:
+        if r["ok"]:
+            continue
+        if r["value"] is None:
+            lines.append(f"gate failed: {r['metric']} is not in the report (see report.json for metric names)")
+        else:
+            lines.append(f"gate failed: {r['metric']} = {r['value']:.4g} violates {r['kind']} {r['bound']:g} "
+                         f"(by {r['by']:.4g})")
+    return lines

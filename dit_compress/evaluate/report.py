@@ -1,0 +1,124 @@
+"""report.json, report.md and pictures (teacher row above student row, same noise)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_grid(path: Path, teacher: torch.Tensor, student: torch.Tensor, labels: torch.Tensor | None,
+              columns: int = 10, rows: int = 2) -> None:
+    """Pairs of rows: teacher samples above the student's from the same noise and condition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(columns * rows, teacher.shape[0])
+    order = torch.argsort(labels[:n], stable=True) if labels is not None else torch.arange(n)
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(columns * 0.9, 2 * rows * 1.0))
+    for r in range(rows):
+        for c in range(columns):
+            i = r * columns + c
+            for k, (who, imgs) in enumerate((("teacher", teacher), ("student", student))):
+                ax = axes[2 * r + k, c]
+                ax.axis("off")
+                if i < n:
+                    img = imgs[order[i]].clamp(-1, 1).add(1).div(2)
+                    ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+                if c == 0:
+                    ax.set_title(who, fontsize=7, loc="left")
+    fig.suptitle("same noise and label: teacher (upper) vs student (lower row of each pair)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_curves(path: Path, report: dict) -> None:
+    """Denoiser error per timestep band, and the recovery loss curve of each stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    bands = report["quality"]["denoiser_error"]
+    a.bar([f"{x['t_min']:.0f}-{x['t_max']:.0f}" for x in bands], [x["relative_error"] for x in bands])
+    a.set_title("student vs teacher: relative error by timestep")
+    a.set_xlabel("timestep band")
+    for st in report.get("stages", []):
+        hist = (st.get("recovery") or {}).get("history") or []
+        if hist:
+            b.plot([h["step"] for h in hist], [h["output_mse"] for h in hist], label=st["name"])
+    b.set_yscale("log")
+    b.set_title("recovery distillation: output MSE")
+    b.set_xlabel("step")
+    if b.lines:
+        b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    q, c = report["quality"], report["cost"]
+    lines = [f"# {report['recipe']['name']} — compression report", "",
+             f"Teacher `{report['teacher']}`; recipe hash `{report['recipe_hash']}`; "
+             f"dit_compress {report['version']}.", ""]
+    if report.get("gate"):
+        g = report["gate"]
+        lines += [f"**Quality gate: {'PASSED' if g['passed'] else 'FAILED'}**", "",
+                  "| metric | bound | value | ok |", "|---|---|---|---|"]
+        lines += [f"| {r['metric']} | {r['kind']} {r['bound']} | {_fmt(r['value']) if r['value'] is not None else 'missing'} | {'yes' if r['ok'] else 'NO'} |"
+                  for r in g["rules"]]
+        lines.append("")
+    lines += ["## Quality (student against teacher, identical noise and conditions)", "",
+              "| metric | teacher | student |", "|---|---|---|"]
+    for key in ("guided_accuracy", "unguided_accuracy", "fd"):
+        if f"{key}_teacher" in q:
+            lines.append(f"| {key.replace('_', ' ')} | {_fmt(q[key + '_teacher'])}"
+                         f"{' ± ' + _fmt(q[key + '_teacher_std']) if key == 'fd' else ''} | "
+                         f"{_fmt(q[key + '_student'])}{' ± ' + _fmt(q[key + '_student_std']) if key == 'fd' else ''} |")
+    lines += ["", f"- Fréchet-distance ratio (student/teacher): **{_fmt(q.get('fd_ratio', 'n/a'))}**"
+              if "fd_ratio" in q else "", f"- sample PSNR vs teacher: **{_fmt(q['psnr_db'])} dB**, "
+              f"SSIM {_fmt(q['ssim'])}", f"- mean denoiser relative error: {_fmt(q['denoiser_relative_error'])}",
+              "", "![samples](samples.png)", "", "![curves](curves.png)", "",
+              "## Cost", "", "| | teacher | student | ratio |", "|---|---|---|---|",
+              f"| parameters | {c['teacher']['parameters']:,} | {c['student']['parameters']:,} | {c['param_ratio']} |",
+              f"| MACs / sample | {c['teacher']['macs_per_sample']:,} | {c['student']['macs_per_sample']:,} | "
+              f"{c['macs_ratio']} |",
+              f"| PyTorch latency (ms, batch {c['teacher']['torch_latency']['batch']}) | "
+              f"{c['teacher']['torch_latency']['median_ms']} | {c['student']['torch_latency']['median_ms']} | "
+              f"{c['torch_latency_ratio']} |"]
+    if "onnx_latency_ratio" in c:
+        lines.append(f"| ONNX Runtime latency (ms) | {c['teacher']['onnx_latency']['median_ms']} | "
+                     f"{c['student']['onnx_latency']['median_ms']} | {c['onnx_latency_ratio']} |")
+    mem_t, mem_s = c["teacher"].get("memory", {}), c["student"].get("memory", {})
+    if "peak_rss_mb" in mem_t and "peak_rss_mb" in mem_s:
+        lines.append(f"| peak RSS, load + forward (MB) | {mem_t['peak_rss_mb']} | {mem_s['peak_rss_mb']} | "
+                     f"{round(mem_s['peak_rss_mb'] / mem_t['peak_rss_mb'], 3)} |")
+    if report.get("export"):
+        p = report["export"]["parity"]
+        lines += ["", "## Export", "", f"`{report['export']['path']}`: ONNX Runtime vs PyTorch max abs error "
+                  f"{p['max_abs_error']:.3g} at batch {p['batch']} (limit {report['export']['atol']:g})."]
+    lines += ["", "## Stages", ""]
+    for st in report.get("stages", []):
+        rec = st.get("recovery") or {}
+        lines.append(f"- `{st['name']}` {json.dumps(st['config'])}; "
+                     f"metadata: {json.dumps({k: v for k, v in st['metadata'].items() if k != 'block_influence'})}"
+                     + (f"; recovery {rec.get('steps')} steps in {rec.get('seconds')} s, final output MSE "
+                        f"{rec.get('final_output_mse')}" if rec else ""))
+    path.write_text("\n".join(line for line in lines) + "\n")

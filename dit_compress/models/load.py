@@ -1,0 +1,156 @@
+"""Load a transformer from the zoo, a local diffusers folder, a hub id, or a safetensors file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from ..errors import CheckpointError
+from ..sampling import DEFAULT_SCHEDULER
+from .families import SUPPORTED_CLASSES, FamilyAdapter, adapter_for_class, get_adapter
+
+ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_PREFIX = "zoo:"
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything the pipeline needs to run it."""
+
+    model: nn.Module
+    adapter: FamilyAdapter
+    scheduler_config: dict
+    source: str
+    card: dict = field(default_factory=dict)  # zoo card (classes, classifier, sampling) or {}
+
+    @property
+    def class_name(self) -> str:
+        return type(self.model).__name__
+
+
+def zoo_names() -> list[str]:
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "ditc_zoo.json").is_file())
+
+
+def resolve_source(source: str, subfolder: str | None) -> tuple[str, str | None, dict]:
+    """Map `zoo:NAME` to its folder; default a pipeline folder's subfolder to `transformer`."""
+    card: dict = {}
+    if source.startswith(ZOO_PREFIX):
+        name = source[len(ZOO_PREFIX):]
+        folder = ZOO_DIR / name
+        if not (folder / "ditc_zoo.json").is_file():
+            raise CheckpointError(f"unknown zoo model {name!r}; available: {', '.join(zoo_names()) or 'none'}")
+        card = json.loads((folder / "ditc_zoo.json").read_text())
+        source, subfolder = str(folder), subfolder or "transformer"
+    path = Path(source)
+    if path.is_dir() and subfolder is None and not (path / "config.json").is_file() \
+            and (path / "transformer" / "config.json").is_file():
+        subfolder = "transformer"  # a pipeline folder: the denoiser lives in transformer/
+    return source, subfolder, card
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def _class_of(config: dict, where: str) -> type[nn.Module]:
+    import diffusers
+
+    name = config.get("_class_name")
+    if name is None:
+        raise CheckpointError(f"{where}: config has no '_class_name'; is this a diffusers model config?")
+    adapter_for_class(name)  # raises with the list of supported classes
+    return getattr(diffusers, name)
+
+
+def _scheduler_config(source: str) -> dict:
+    """The scheduler that ships beside the transformer in a pipeline folder, else rectified flow."""
+    cfg = Path(source) / "scheduler" / "scheduler_config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text())
+    return dict(DEFAULT_SCHEDULER)
+
+
+def load_transformer(
+    source: str, subfolder: str | None = None, config: str | None = None, latent_size: int | None = None
+) -> LoadedModel:
+    """Load a supported diffusers transformer.
+
+    `source` is `zoo:NAME`, a local folder (a pipeline folder or a model folder), a hub id
+    (`org/name`, same code path as a folder), or a `.safetensors` file with `config` naming its
+    config.json.
+    """
+    source_in = source
+    source, subfolder, card = resolve_source(source, subfolder)
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        model = _load_safetensors_file(path, config)
+    elif path.exists() or _looks_like_hub_id(source):
+        model = _load_pretrained(source, subfolder)
+    else:
+        raise CheckpointError(f"model source not found: {source!r} (expected zoo:NAME, a folder, "
+                              f"a hub id org/name, or a .safetensors file)")
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, get_adapter(model, latent_size), _scheduler_config(source),
+                       source_in, card)
+
+
+def _read_config(source: str, subfolder: str | None) -> dict:
+    """config.json of a local folder, or of a hub repository (downloaded like from_pretrained does)."""
+    local = Path(source) / (subfolder or "") / "config.json"
+    if Path(source).exists():
+        path = local
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(source, "config.json", subfolder=subfolder))
+    return json.loads(path.read_text())
+
+
+def _load_pretrained(source: str, subfolder: str | None) -> nn.Module:
+    where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
+    try:
+        cfg = _read_config(source, subfolder)
+    except Exception as e:  # missing file, bad JSON, or hub errors (offline, unknown repo)
+        raise CheckpointError(f"cannot read the model config of {where}: {str(e).splitlines()[0]}") from None
+    cls = _class_of(cfg, where)
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder, low_cpu_mem_usage=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot load weights of {where}: {str(e).splitlines()[0]}") from None
+
+
+def _load_safetensors_file(path: Path, config: str | None) -> nn.Module:
+    from safetensors.torch import load_file
+
+    if config is None:
+        raise CheckpointError(f"{path}: a bare .safetensors file needs `config:` naming its config.json")
+    cfg_path = Path(config)
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read model config {cfg_path}: {e}") from None
+    cls = _class_of(cfg, str(cfg_path))
+    model = cls.from_config(cfg)
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match {cfg_path}: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}")
+    return model
+
+
+def build_from_config(config: dict) -> nn.Module:
+    """Instantiate a supported class from a config dict (weights left at their initialisation)."""
+    cls = _class_of(config, "config")
+    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+__all__ = ["LoadedModel", "SUPPORTED_CLASSES", "build_from_config", "load_transformer", "zoo_names"]

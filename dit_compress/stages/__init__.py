@@ -1,0 +1,3 @@
+"""Built-in stages; importing this package registers them."""
+
+from . import prune  # noqa: F401

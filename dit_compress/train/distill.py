@@ -1,0 +1,196 @@
+"""One teacher-student distillation loop for every stage, on `accelerate`.
+
+Loss = MSE(student output, teacher output) + feature_weight * mean over mapped layers of the
+teacher-normalised MSE between hidden states. The same code runs on one CPU, one GPU, or
+several processes under `accelerate launch` / `torchrun`: each process takes its shard of the
+global batch, and only the main process writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..core.stage import StageConfig
+from ..data.calibration import CalibrationSet
+from ..errors import DistillationDiverged
+from ..models.families import FamilyAdapter
+
+
+class DistillConfig(StageConfig):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(25, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    feature_weight: float = Field(0.0, ge=0, description="weight of hidden-state matching at mapped layers")
+    trainable: list[str] = Field(default_factory=lambda: ["*"],
+                                 description="glob patterns over parameter names")
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
+
+
+def _image_hidden(output) -> torch.Tensor:
+    # Joint blocks (SD3, Flux) return (text, image); the image stream is last.
+    return output[-1] if isinstance(output, (tuple, list)) else output
+
+
+class _Capture:
+    """Forward hooks that keep the image hidden state of named modules."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        modules = dict(model.named_modules())
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(_module, _inputs, output):
+            self.values[name] = _image_hidden(output)
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def select_trainable_(model: nn.Module, patterns: list[str]) -> int:
+    """Freeze everything except parameters whose names match a pattern; returns the count."""
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in patterns))
+        n += p.numel() if p.requires_grad else 0
+    if n == 0:
+        raise ValueError(f"trainable patterns {patterns} match no parameter")
+    return n
+
+
+class Distiller:
+    def __init__(self, teacher: nn.Module, student: nn.Module, adapter: FamilyAdapter,
+                 calibration: CalibrationSet, config: DistillConfig, work_dir: Path,
+                 layer_map: list[tuple[str, str]] | None = None, desc: str = "distill"):
+        self.teacher, self.student, self.adapter = teacher, student, adapter
+        self.calib, self.config, self.work_dir = calibration, config, Path(work_dir)
+        self.layer_map = layer_map if config.feature_weight > 0 else []
+        self.desc = desc
+        self.ckpt = self.work_dir / "checkpoint"
+        self.fingerprint = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+
+    # -- checkpoints: safetensors + JSON, nothing pickled ------------------------------
+    def _save(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, history: list) -> None:
+        tmp = self.ckpt.with_name("checkpoint.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "student.safetensors"))
+        state = opt.state_dict()
+        tensors = {f"{pid}.{k}": v.contiguous() for pid, s in state["state"].items()
+                   for k, v in s.items() if torch.is_tensor(v)}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "fingerprint": self.fingerprint, "param_groups": state["param_groups"],
+            "history": history}))
+        if self.ckpt.exists():
+            for f in self.ckpt.iterdir():
+                f.unlink()
+            self.ckpt.rmdir()
+        tmp.rename(self.ckpt)
+
+    def _load(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
+        meta_path = self.ckpt / "state.json"
+        if not meta_path.is_file():
+            return 0, []
+        meta = json.loads(meta_path.read_text())
+        if meta["fingerprint"] != self.fingerprint:
+            return 0, []  # a different config: start over rather than mix runs
+        params = dict(model.named_parameters())
+        for n, v in load_file(str(self.ckpt / "student.safetensors")).items():
+            params[n].data.copy_(v)
+        flat = load_file(str(self.ckpt / "optimizer.safetensors"))
+        state: dict[int, dict] = {}
+        for key, v in flat.items():
+            pid, k = key.split(".", 1)
+            state.setdefault(int(pid), {})[k] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        return int(meta["step"]), meta["history"]
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine to 10 %
+
+    def run(self) -> dict:
+        from accelerate import Accelerator
+
+        c = self.config
+        acc = Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(c.seed)
+        n_trainable = select_trainable_(self.student, c.trainable)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        # Eval mode: DiT label embeddings would drop labels in train mode; no stage uses dropout.
+        self.student.eval()
+        self.teacher.eval().requires_grad_(False)
+        student, opt = acc.prepare(self.student, opt)
+        teacher = self.teacher.to(acc.device)
+        start, history = self._load(acc.unwrap_model(student), opt)
+        if start:
+            acc.print(f"resuming {self.desc} from step {start}")
+        s_cap = _Capture(acc.unwrap_model(student), [s for s, _ in self.layer_map])
+        t_cap = _Capture(teacher, [t for _, t in self.layer_map])
+        shard = (acc.process_index, acc.num_processes)
+        t0 = time.time()
+        bar = tqdm(range(start, c.steps), desc=self.desc, initial=start, total=c.steps,
+                   disable=not acc.is_main_process, mininterval=2.0)
+        try:
+            for step in bar:
+                for group in opt.param_groups:
+                    group["lr"] = c.lr * self._lr_factor(step)
+                b = self.calib.batch(step, c.batch_size, shard)
+                x, t = b.x_t.to(acc.device), b.t.to(acc.device)
+                cond = {k: v.to(acc.device) for k, v in b.cond.items()}
+                with torch.no_grad():
+                    target = self.adapter.denoise(teacher, x, t, cond)
+                pred = self.adapter.denoise(student, x, t, cond)
+                out_loss = torch.mean((pred - target) ** 2)
+                loss = out_loss
+                if self.layer_map:
+                    feat = [torch.mean((s_cap.values[s] - t_cap.values[t_]) ** 2)
+                            / (t_cap.values[t_].var() + 1e-6) for s, t_ in self.layer_map]
+                    loss = loss + c.feature_weight * torch.stack(feat).mean()
+                if not torch.isfinite(loss):
+                    where = (f"last good checkpoint: {self.ckpt} (step {history[-1]['step']})"
+                             if history else "no checkpoint yet")
+                    raise DistillationDiverged(
+                        f"{self.desc}: loss became {loss.item()} at step {step}; {where}; "
+                        f"lower the learning rate (lr={c.lr}) or the batch size")
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                acc.clip_grad_norm_(params, c.grad_clip)
+                opt.step()
+                if step % 10 == 0 or step == c.steps - 1:
+                    value = acc.gather(out_loss.detach().reshape(1)).mean().item()
+                    history.append({"step": step, "output_mse": round(value, 6)})
+                    bar.set_postfix(mse=f"{value:.4g}")
+                done = step + 1
+                if acc.is_main_process and (done % c.checkpoint_every == 0 or done == c.steps):
+                    self._save(done, acc.unwrap_model(student), opt, history)
+        finally:
+            s_cap.close()
+            t_cap.close()
+        acc.wait_for_everyone()
+        return {"steps": c.steps, "resumed_from": start, "trainable_parameters": n_trainable,
+                "seconds": round(time.time() - t0, 1), "processes": acc.num_processes,
+                "final_output_mse": history[-1]["output_mse"] if history else None,
+                "history": history[::max(1, len(history) // 40)]}

@@ -1,0 +1,55 @@
+"""Tiny configs of the real diffusers classes, one per supported family."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+LATENT = 8
+
+
+def tiny_model(family: str, seed: int = 0):
+    import diffusers
+
+    torch.manual_seed(seed)
+    configs = {
+        "dit": ("DiTTransformer2DModel", dict(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
+            sample_size=LATENT, patch_size=2, num_embeds_ada_norm=10)),
+        "pixart": ("PixArtTransformer2DModel", dict(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
+            sample_size=LATENT, patch_size=2, cross_attention_dim=16, caption_channels=32,
+            norm_type="ada_norm_single", use_additional_conditions=False)),
+        "sd3": ("SD3Transformer2DModel", dict(
+            sample_size=LATENT, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
+            num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
+            pooled_projection_dim=24, out_channels=4)),
+        "flux": ("FluxTransformer2DModel", dict(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=[2, 2, 4])),
+        "sana": ("SanaTransformer2DModel", dict(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=4,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+            caption_channels=32, sample_size=LATENT, patch_size=1)),
+    }
+    cls_name, cfg = configs[family]
+    return getattr(diffusers, cls_name)(**cfg).eval()
+
+
+FAMILIES = ["dit", "pixart", "sd3", "flux", "sana"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def save_tiny(family: str, folder, seed: int = 0):
+    """A local diffusers pipeline-style folder (transformer/ subfolder) of a tiny model."""
+    model = tiny_model(family, seed)
+    model.save_pretrained(folder / "transformer")
+    return model
