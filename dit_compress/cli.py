@@ -156,6 +156,20 @@ def export(model: str, out: Path, batch: int, atol: float, latent_size: int | No
     click.echo(f"wrote {out}: parity max abs error {info['parity']['max_abs_error']:.3g} (limit {atol:g})")
 
 
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@set_option
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
+@_errors
+def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path) -> None:
+    """Evaluate a compressed CHECKPOINT against its teacher (report + gate, exit 1 if it fails)."""
+    from .core.pipeline import evaluate_checkpoint
+
+    report = evaluate_checkpoint(checkpoint, out, list(overrides))
+    _summary(report, out)
+    sys.exit(_print_gate(report))
+
+
 @main.command()
 @click.argument("report", type=click.Path(path_type=Path))
 @click.option("--gate", "gate_file", type=click.Path(path_type=Path),

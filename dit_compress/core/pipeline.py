@@ -23,7 +23,8 @@ from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
 from ..train.distill import DistillConfig, Distiller
 from .manifest import MANIFEST, StageRecord, base_reference, load_compressed, read_manifest, save_compressed
-from .recipe import Recipe
+from ..errors import RecipeError
+from .recipe import Recipe, apply_overrides, parse_recipe
 from .stage import StageContext, get_stage
 
 log = logging.getLogger("dit_compress")
@@ -101,8 +102,30 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
     base = base_reference(teacher, recipe.model.model_dump())
     records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
     ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
-                           {"recipe": recipe.to_dict()})
+                           {"recipe": recipe.to_dict(), "summaries": summaries})
+    return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start)
 
+
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> dict:
+    """Export, evaluate and gate an existing compressed checkpoint with the recipe it was made by."""
+    checkpoint = Path(checkpoint)
+    manifest = read_manifest(checkpoint)
+    if "recipe" not in manifest:
+        raise RecipeError(f"{checkpoint}: the manifest carries no recipe to evaluate with")
+    recipe = parse_recipe(apply_overrides(copy.deepcopy(manifest["recipe"]), overrides or []),
+                          f"{checkpoint}/{MANIFEST}")
+    teacher = load_teacher(recipe)
+    student = load_compressed(checkpoint)
+    out = Path(out_dir)
+    (out / ".work").mkdir(parents=True, exist_ok=True)
+    calib = build_calibration(teacher, recipe.calibration, out / ".work")
+    summaries = manifest.get("summaries") or manifest["stages"]
+    return export_and_report(recipe, teacher, student, calib, summaries, checkpoint, out, time.time())
+
+
+def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel, calib, summaries: list[dict],
+                      ckpt: Path, out: Path, t_start: float) -> dict:
+    """ONNX export with parity, evaluation against the teacher, pictures, report and gate."""
     export_info = None
     student_onnx = teacher_onnx = None
     if recipe.export.onnx:
@@ -125,10 +148,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
         "wall_seconds": round(time.time() - t_start, 1),
     }
     report["gate"] = check_gate(report, [r.model_dump() for r in recipe.gate]) if recipe.gate else None
-    labels = None
-    if teacher.adapter.num_classes:
-        labels = ev._inputs(recipe.evaluation.seeds[0], pictures["teacher"].shape[0])[0]["class_labels"]
-    save_grid(out / "samples.png", pictures["teacher"], pictures["student"], labels)
+    save_grid(out / "samples.png", pictures["teacher"], pictures["student"], pictures["labels"])
     save_curves(out / "curves.png", report)
     write_markdown(out / "report.md", report)
     write_json(out / "report.json", report)
@@ -153,4 +173,5 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: 
     config = DistillConfig(steps=steps, lr=lr, feature_weight=feature_weight)
     Distiller(teacher.model, student.model, teacher.adapter, calib, config, work, layer_map, "distill").run()
     student.model.eval().requires_grad_(False)
-    return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"))
+    carried = {k: manifest[k] for k in ("recipe", "summaries") if k in manifest}
+    return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"), carried)

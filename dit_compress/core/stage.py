@@ -79,7 +79,10 @@ def parse_stage_config(name: str, raw: Any, where: str) -> StageConfig:
     """Validate a stage's config mapping; errors name the field and the recipe location."""
     from pydantic import ValidationError
 
-    stage = get_stage(name)
+    try:
+        stage = get_stage(name)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
     try:
         return stage.config_cls.model_validate(raw or {})
     except ValidationError as e:

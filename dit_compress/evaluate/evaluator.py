@@ -35,7 +35,7 @@ class Evaluator:
             self.classifier = DigitClassifier.load(ZOO_DIR / name)
         self._teacher_cache: dict = {}
 
-    def _inputs(self, seed: int, n: int):
+    def inputs(self, seed: int, n: int):
         adapter = self.teacher.adapter
         g = torch.Generator().manual_seed(10_000 + seed)
         cond = adapter.random_conditions(n, g)
@@ -45,7 +45,7 @@ class Evaluator:
         return cond, noise
 
     def _samples(self, model: LoadedModel, seed: int, n: int, guidance: float) -> torch.Tensor:
-        cond, noise = self._inputs(seed, n)
+        cond, noise = self.inputs(seed, n)
         return sample_batched(model.model, model.adapter, self.schedule, cond, noise, self.steps, guidance)
 
     def _teacher_samples(self, seed: int, n: int, guidance: float) -> torch.Tensor:
@@ -69,7 +69,8 @@ class Evaluator:
         k = min(s.compare_samples, n)
         q["psnr_db"], q["ssim"] = (round(v, 4) for v in metrics.psnr_ssim(t_img[:k], s_img[:k]))
         q["outputs_finite"] = bool(torch.isfinite(s_img).all())
-        pictures = {"teacher": t_img, "student": s_img}
+        pictures = {"teacher": t_img, "student": s_img,
+                    "labels": self.inputs(seed0, n)[0].get("class_labels")}
         if self.classifier is not None:
             q.update(self._absolute(student, {seed0: (t_img, s_img)}))
         return q, pictures
@@ -83,14 +84,14 @@ class Evaluator:
         fd = {"teacher": [], "student": []}
         acc = {"teacher": [], "student": []}
         for seed in s.seeds:
-            cond, _ = self._inputs(seed, s.num_samples)
+            cond, _ = self.inputs(seed, s.num_samples)
             t_img, s_img = first.get(seed) or (self._teacher_samples(seed, s.num_samples, self.guidance),
                                                 self._samples(student, seed, s.num_samples, self.guidance))
             for who, img in (("teacher", t_img), ("student", s_img)):
                 pred, feats = metrics.classify(self.classifier, img)
                 acc[who].append((pred == cond["class_labels"]).float().mean().item())
                 fd[who].append(metrics.frechet_distance(feats, real_feats))
-        cond, _ = self._inputs(s.seeds[0], s.num_samples)
+        cond, _ = self.inputs(s.seeds[0], s.num_samples)
         unguided = {}
         for who, m in (("teacher", self.teacher), ("student", student)):
             img = (self._teacher_samples(s.seeds[0], s.num_samples, 1.0) if who == "teacher"

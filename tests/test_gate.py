@@ -1,0 +1,36 @@
+"""The quality gate: violated bounds give a non-zero exit and say which metric and by how much."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from click.testing import CliRunner
+
+from dit_compress.cli import main
+from dit_compress.evaluate.gate import check_gate
+
+REPORT = {"quality": {"fd_ratio": 1.4, "psnr_db": 22.0}, "cost": {"param_ratio": 0.5},
+          "recipe": {"gate": [{"metric": "quality.fd_ratio", "max": 2.0}]}}
+
+
+def test_check_gate_rules():
+    g = check_gate(REPORT, [{"metric": "quality.fd_ratio", "max": 1.2}, {"metric": "quality.psnr_db", "min": 20}])
+    assert not g["passed"]
+    bad = [r for r in g["rules"] if not r["ok"]]
+    assert len(bad) == 1 and bad[0]["metric"] == "quality.fd_ratio" and abs(bad[0]["by"] - 0.2) < 1e-9
+    missing = check_gate(REPORT, [{"metric": "quality.nope", "min": 0}])
+    assert not missing["passed"] and missing["rules"][0]["value"] is None
+
+
+def test_ditc_check_exit_codes(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(REPORT))
+    runner = CliRunner()
+    ok = runner.invoke(main, ["check", str(path)])
+    assert ok.exit_code == 0, ok.output
+    strict = tmp_path / "gate.yaml"
+    strict.write_text(yaml.safe_dump({"gate": [{"metric": "quality.fd_ratio", "max": 1.1}]}))
+    bad = runner.invoke(main, ["check", str(path), "--gate", str(strict)])
+    assert bad.exit_code == 1
+    assert "quality.fd_ratio = 1.4 violates max 1.1 (by 0.3)" in bad.output

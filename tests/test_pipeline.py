@@ -1,0 +1,88 @@
+"""End to end on a tiny local DiT: recipe -> prune + recover -> checkpoint, ONNX, report, gate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from conftest import save_tiny
+from dit_compress.cli import main
+from dit_compress.core.manifest import load_compressed
+from dit_compress.models.load import load_transformer
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    save_tiny("dit", tmp / "teacher")
+    recipe = {
+        "name": "tiny",
+        "model": {"source": str(tmp / "teacher")},
+        "calibration": {"num_samples": 16, "sampling_steps": 2},
+        "stages": [{"prune": {"remove": [1, 2], "recover": {"steps": 4, "batch_size": 8, "feature_weight": 1.0}}}],
+        "evaluation": {"num_samples": 10, "seeds": [0], "compare_samples": 4, "sampling_steps": 2,
+                       "denoiser_samples": 8, "timestep_bands": 2, "latency_batch": 2, "latency_repeats": 3},
+        # Deliberately impossible: the run must finish, write its report, and exit 1.
+        "gate": [{"metric": "quality.psnr_db", "min": 200.0}, {"metric": "cost.param_ratio", "max": 0.9}],
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp / "out")])
+    return tmp, path, res
+
+
+def test_run_writes_every_artifact_and_fails_gate(run_dir):
+    tmp, _, res = run_dir
+    assert res.exit_code == 1, res.output
+    assert "gate failed: quality.psnr_db" in res.output and "violates min 200" in res.output
+    out = tmp / "out"
+    for f in ("report.json", "report.md", "samples.png", "curves.png", "onnx/student.onnx",
+              "checkpoint/manifest.json", "checkpoint/model.safetensors", "checkpoint/diffusers/config.json"):
+        assert (out / f).is_file(), f"missing {f}"
+    report = json.loads((out / "report.json").read_text())
+    assert report["gate"]["passed"] is False
+    assert [r["ok"] for r in report["gate"]["rules"]] == [False, True]
+    assert report["export"]["parity"]["max_abs_error"] <= 1e-4
+    assert report["quality"]["outputs_finite"]
+    assert 0.4 < report["cost"]["param_ratio"] < 0.9
+    assert report["stages"][0]["metadata"]["removed"] == [1, 2]
+
+
+def test_checkpoint_restores_and_loads_with_plain_diffusers(run_dir):
+    from diffusers import DiTTransformer2DModel
+
+    tmp, _, _ = run_dir
+    restored = load_compressed(tmp / "out" / "checkpoint")
+    plain = DiTTransformer2DModel.from_pretrained(tmp / "out" / "checkpoint" / "diffusers").eval()
+    assert plain.config.num_layers == 2
+    x, t, cond = restored.adapter.example_inputs(2)
+    with torch.no_grad():
+        assert torch.equal(restored.adapter.denoise(restored.model, x, t, cond),
+                           restored.adapter.denoise(plain, x, t, cond))
+    teacher = load_transformer(str(tmp / "teacher"))
+    with torch.no_grad():
+        assert not torch.equal(teacher.adapter.denoise(teacher.model, x, t, cond),
+                               restored.adapter.denoise(restored.model, x, t, cond))
+
+
+def test_rerun_resumes_finished_stage(run_dir):
+    tmp, path, _ = run_dir
+    before = (tmp / "out" / "checkpoint" / "model.safetensors").read_bytes()
+    res = CliRunner().invoke(main, ["-v", "run", str(path), "-o", str(tmp / "out")])
+    assert res.exit_code == 1
+    assert (tmp / "out" / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
+def test_eval_checkpoint_with_its_recipe(run_dir):
+    tmp, _, _ = run_dir
+    res = CliRunner().invoke(main, ["eval", str(tmp / "out" / "checkpoint"), "-o", str(tmp / "eval"),
+                                    "--set", "gate.0.min=0", "--set", "export.onnx=false"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp / "eval" / "report.json").read_text())
+    first = json.loads((tmp / "out" / "report.json").read_text())
+    assert report["gate"]["passed"]
+    assert report["quality"]["psnr_db"] == first["quality"]["psnr_db"], "same seeds must give the same figures"
