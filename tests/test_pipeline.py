@@ -86,3 +86,16 @@ def test_eval_checkpoint_with_its_recipe(run_dir):
     first = json.loads((tmp / "out" / "report.json").read_text())
     assert report["gate"]["passed"]
     assert report["quality"]["psnr_db"] == first["quality"]["psnr_db"], "same seeds must give the same figures"
+
+
+def test_distill_continues_from_checkpoint(run_dir):
+    tmp, _, _ = run_dir
+    res = CliRunner().invoke(main, ["distill", str(tmp / "out" / "checkpoint"), "--steps", "3",
+                                    "--feature-weight", "1.0", "-o", str(tmp / "more")])
+    assert res.exit_code == 0, res.output
+    a, b = load_compressed(tmp / "out" / "checkpoint"), load_compressed(tmp / "more")
+    x, t, cond = a.adapter.example_inputs(2)
+    with torch.no_grad():
+        ya, yb = a.adapter.denoise(a.model, x, t, cond), b.adapter.denoise(b.model, x, t, cond)
+    assert torch.isfinite(yb).all() and not torch.equal(ya, yb)
+    assert json.loads((tmp / "more" / "manifest.json").read_text())["recipe"]["name"] == "tiny"

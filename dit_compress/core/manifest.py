@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import CheckpointError
 from ..models.families import get_adapter
-from ..models.load import LoadedModel, build_from_config
+from ..models.load import LoadedModel, build_from_config, load_weights_
 from .stage import STAGES, get_stage
 
 MANIFEST = "manifest.json"
@@ -103,17 +103,7 @@ def load_compressed(folder: str | Path) -> LoadedModel:
             model = stage.restore(model, config, rec["metadata"], adapter)
         except Exception as e:
             raise CheckpointError(f"{folder}: cannot replay stage {i} ({rec['name']}): {e}") from None
-    weights = folder / WEIGHTS
-    try:
-        state = load_file(str(weights))
-    except FileNotFoundError:
-        raise CheckpointError(f"{weights} is missing") from None
-    except Exception as e:
-        raise CheckpointError(f"{weights}: corrupt weights ({str(e).splitlines()[0]})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match the replayed architecture: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_weights_(model, folder / WEIGHTS, "the architecture replayed from the manifest")
     model.eval().requires_grad_(False)
     return LoadedModel(model, get_adapter(model, base.get("latent_size")), base["scheduler_config"],
                        f"compressed:{folder}", base.get("card") or {})

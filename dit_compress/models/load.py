@@ -125,8 +125,6 @@ def _load_pretrained(source: str, subfolder: str | None) -> nn.Module:
 
 
 def _load_safetensors_file(path: Path, config: str | None) -> nn.Module:
-    from safetensors.torch import load_file
-
     if config is None:
         raise CheckpointError(f"{path}: a bare .safetensors file needs `config:` naming its config.json")
     cfg_path = Path(config)
@@ -134,16 +132,24 @@ def _load_safetensors_file(path: Path, config: str | None) -> nn.Module:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read model config {cfg_path}: {e}") from None
-    cls = _class_of(cfg, str(cfg_path))
-    model = cls.from_config(cfg)
+    model = _class_of(cfg, str(cfg_path)).from_config(cfg)
+    return load_weights_(model, path, f"its config {cfg_path}")
+
+
+def load_weights_(model: nn.Module, path: Path, against: str) -> nn.Module:
+    """Load a safetensors file into `model` strictly; errors name the file and what differs."""
+    from safetensors.torch import load_file
+
     try:
         state = load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
     except Exception as e:
-        raise CheckpointError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: corrupt weights ({str(e).splitlines()[0]})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not match {cfg_path}: missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}")
+        raise CheckpointError(f"{path} does not match {against}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
     return model
 
 
