@@ -36,6 +36,7 @@ class EvaluationSpec(_Strict):
     timestep_bands: int = Field(4, ge=1, le=20)
     latency_batch: int = Field(16, ge=1)
     latency_repeats: int = Field(20, ge=3)
+    memory_batch: int = Field(256, ge=1, description="batch of the peak-memory forward pass")
 
 
 class GateRule(_Strict):

@@ -21,13 +21,16 @@ from ..core.stage import StageConfig
 from ..models.load import LoadedModel
 from ..sampling import NoiseSchedule, sample_batched
 
-COND_PREFIX = "cond."
+COND_PREFIX, NULL_PREFIX = "cond.", "null."
 
 
 class CalibrationSpec(StageConfig):
     num_samples: int = Field(256, ge=8, description="teacher samples in the pool")
     sampling_steps: int | None = Field(None, ge=1, description="default: the model card's, else 16")
     guidance_scale: float | None = Field(None, ge=1.0, description="default: the model card's, else 1")
+    uncond_fraction: float = Field(0.25, ge=0.0, le=1.0, description=(
+        "share of training inputs given the null condition: guided sampling evaluates the "
+        "unconditional branch at every step, so the student must learn it too"))
     seed: int = 0
 
 
@@ -42,8 +45,10 @@ class Batch:
 class CalibrationSet:
     x0: torch.Tensor
     cond: dict[str, torch.Tensor]
+    null_cond: dict[str, torch.Tensor]  # the unconditional input for each sample
     schedule: NoiseSchedule
     seed: int
+    uncond_fraction: float = 0.0
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -54,24 +59,29 @@ class CalibrationSet:
         idx = torch.randint(0, len(self), (size,), generator=g)
         noise = torch.randn(size, *self.x0.shape[1:], generator=g)
         t = self.schedule.draw_timesteps(size, g)
+        uncond = torch.rand(size, generator=g) < self.uncond_fraction
         rank, world = shard
         sl = slice(rank * size // world, (rank + 1) * size // world)
-        x0 = self.x0[idx][sl]
-        return Batch(self.schedule.add_noise(x0, noise[sl], t[sl]), t[sl],
-                     {k: v[idx][sl] for k, v in self.cond.items()})
+        cond = {}
+        for k, v in self.cond.items():
+            mask = uncond.view(-1, *([1] * (v.dim() - 1)))
+            cond[k] = torch.where(mask, self.null_cond[k][idx], v[idx])[sl]
+        return Batch(self.schedule.add_noise(self.x0[idx][sl], noise[sl], t[sl]), t[sl], cond)
 
     def save(self, path: Path) -> None:
-        tensors = {"x0": self.x0, **{COND_PREFIX + k: v for k, v in self.cond.items()}}
+        tensors = {"x0": self.x0, **{COND_PREFIX + k: v for k, v in self.cond.items()},
+                   **{NULL_PREFIX + k: v for k, v in self.null_cond.items()}}
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"seed": str(self.seed)})
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, schedule: NoiseSchedule, seed: int) -> "CalibrationSet":
+    def load(cls, path: Path, schedule: NoiseSchedule, seed: int, uncond_fraction: float) -> "CalibrationSet":
         t = load_file(str(path))
         cond = {k[len(COND_PREFIX):]: v for k, v in t.items() if k.startswith(COND_PREFIX)}
-        return cls(t["x0"], cond, schedule, seed)
+        null = {k[len(NULL_PREFIX):]: v for k, v in t.items() if k.startswith(NULL_PREFIX)}
+        return cls(t["x0"], cond, null, schedule, seed, uncond_fraction)
 
 
 def resolved_sampling(teacher: LoadedModel, steps: int | None, guidance: float | None) -> tuple[int, float]:
@@ -83,11 +93,11 @@ def build_calibration(teacher: LoadedModel, spec: CalibrationSpec, cache_dir: Pa
     """Sample the teacher's pool (cached in `cache_dir`, keyed by the spec)."""
     schedule = NoiseSchedule(teacher.scheduler_config)
     steps, guidance = resolved_sampling(teacher, spec.sampling_steps, spec.guidance_scale)
-    key = hashlib.sha256(json.dumps([spec.model_dump(), teacher.source, steps, guidance],
+    key = hashlib.sha256(json.dumps([spec.model_dump(exclude={"uncond_fraction"}), teacher.source, steps, guidance],
                                     sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir / f"calibration-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
-        return CalibrationSet.load(path, schedule, spec.seed)
+        return CalibrationSet.load(path, schedule, spec.seed, spec.uncond_fraction)
     adapter = teacher.adapter
     g = torch.Generator().manual_seed(spec.seed)
     cond = adapter.random_conditions(spec.num_samples, g)
@@ -96,7 +106,7 @@ def build_calibration(teacher: LoadedModel, spec: CalibrationSpec, cache_dir: Pa
         cond["class_labels"] = (torch.arange(spec.num_samples) % adapter.num_classes)[perm]
     noise = torch.randn(spec.num_samples, *adapter.latent_shape(), generator=g)
     x0 = sample_batched(teacher.model, adapter, schedule, cond, noise, steps, guidance)
-    calib = CalibrationSet(x0, cond, schedule, spec.seed)
+    calib = CalibrationSet(x0, cond, adapter.null_conditions(cond), schedule, spec.seed, spec.uncond_fraction)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         calib.save(path)

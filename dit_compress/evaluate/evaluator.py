@@ -125,7 +125,7 @@ class Evaluator:
             if onnx_path is not None:
                 c["onnx_latency"] = cost.onnx_latency(onnx_path, m.adapter, s.latency_batch, s.latency_repeats)
             if ckpt is not None:
-                c["memory"] = cost.peak_memory(ckpt, s.latency_batch)
+                c["memory"] = cost.peak_memory(ckpt, s.memory_batch)
             out[who] = c
         t, st = out["teacher"], out["student"]
         out["param_ratio"] = round(st["parameters"] / t["parameters"], 4)
