@@ -73,10 +73,14 @@ def sample(
     return x
 
 
-def sample_batched(model, adapter, schedule, cond, noise, steps, guidance_scale=1.0, batch_size=256):
-    """`sample` in chunks, so memory stays flat for large evaluation sets."""
+def sample_batched(model, adapter, schedule, cond, noise, steps, guidance_scale=1.0, batch_size=256,
+                   desc: str | None = None):
+    """`sample` in chunks, so memory stays flat for large evaluation sets; `desc` shows progress."""
+    from tqdm.auto import tqdm
+
     outs = []
-    for i in range(0, noise.shape[0], batch_size):
+    starts = range(0, noise.shape[0], batch_size)
+    for i in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
         c = {k: v[i : i + batch_size] for k, v in cond.items()}
         outs.append(sample(model, adapter, schedule, c, noise[i : i + batch_size], steps, guidance_scale))
     return torch.cat(outs)

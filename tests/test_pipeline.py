@@ -99,3 +99,13 @@ def test_distill_continues_from_checkpoint(run_dir):
         ya, yb = a.adapter.denoise(a.model, x, t, cond), b.adapter.denoise(b.model, x, t, cond)
     assert torch.isfinite(yb).all() and not torch.equal(ya, yb)
     assert json.loads((tmp / "more" / "manifest.json").read_text())["recipe"]["name"] == "tiny"
+
+
+def test_ditc_prune_one_off(run_dir, tmp_path):
+    tmp, _, _ = run_dir
+    res = CliRunner().invoke(main, ["prune", str(tmp / "teacher"), "--remove", "2,3", "--steps", "3",
+                                    "-o", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "p" / "checkpoint" / "manifest.json").read_text())
+    assert manifest["stages"][0]["metadata"]["removed"] == [2, 3]
+    assert (tmp_path / "p" / "onnx" / "student.onnx").is_file()

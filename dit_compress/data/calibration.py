@@ -105,7 +105,7 @@ def build_calibration(teacher: LoadedModel, spec: CalibrationSpec, cache_dir: Pa
         perm = torch.randperm(spec.num_samples, generator=g)
         cond["class_labels"] = (torch.arange(spec.num_samples) % adapter.num_classes)[perm]
     noise = torch.randn(spec.num_samples, *adapter.latent_shape(), generator=g)
-    x0 = sample_batched(teacher.model, adapter, schedule, cond, noise, steps, guidance)
+    x0 = sample_batched(teacher.model, adapter, schedule, cond, noise, steps, guidance, desc="calibration")
     calib = CalibrationSet(x0, cond, adapter.null_conditions(cond), schedule, spec.seed, spec.uncond_fraction)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

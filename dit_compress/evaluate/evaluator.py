@@ -46,7 +46,8 @@ class Evaluator:
 
     def _samples(self, model: LoadedModel, seed: int, n: int, guidance: float) -> torch.Tensor:
         cond, noise = self.inputs(seed, n)
-        return sample_batched(model.model, model.adapter, self.schedule, cond, noise, self.steps, guidance)
+        return sample_batched(model.model, model.adapter, self.schedule, cond, noise, self.steps, guidance,
+                              desc=f"sampling (seed {seed}, guidance {guidance:g})")
 
     def _teacher_samples(self, seed: int, n: int, guidance: float) -> torch.Tensor:
         key = (seed, n, guidance)

@@ -107,9 +107,10 @@ def write_markdown(path: Path, report: dict) -> None:
         lines.append(f"| ONNX Runtime latency (ms) | {c['teacher']['onnx_latency']['median_ms']} | "
                      f"{c['student']['onnx_latency']['median_ms']} | {c['onnx_latency_ratio']} |")
     mem_t, mem_s = c["teacher"].get("memory", {}), c["student"].get("memory", {})
-    for key, label in (("weights_mb", "weights (MB)"), ("forward_peak_increase_mb", "forward peak memory (MB)")):
+    for key, label in (("weights_mb", "weights (MB)"),
+                       ("forward_peak_increase_mb", f"forward peak memory (MB, batch {mem_t.get('batch')})")):
         if key in mem_t and key in mem_s:
-            lines.append(f"| {label}, batch {mem_t['batch']} | {mem_t[key]} | {mem_s[key]} | "
+            lines.append(f"| {label} | {mem_t[key]} | {mem_s[key]} | "
                          f"{round(mem_s[key] / max(mem_t[key], 1e-9), 3)} |")
     if report.get("export"):
         p = report["export"]["parity"]
