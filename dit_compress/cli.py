@@ -206,12 +206,15 @@ def check(report: Path, gate_file: Path | None) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Zoo folder (default: the package's own).")
 @click.option("--steps", type=int, default=6000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def zoo_train(out: Path | None, steps: int, seed: int) -> None:
-    """Retrain the bundled digits classifier and DiT teacher (about 30 CPU minutes)."""
+@click.option("--only", help="Retrain just this teacher (e.g. digits-sd3), keeping the classifier.")
+def zoo_train(out: Path | None, steps: int, seed: int, only: str | None) -> None:
+    """Retrain the bundled digits classifier and teachers (about 30 CPU minutes each)."""
     from .models.load import ZOO_DIR
-    from .train.zoo import train_zoo
+    from .train.zoo import TEACHERS, train_zoo
 
-    click.echo(json.dumps(train_zoo(out or ZOO_DIR, steps=steps, seed=seed), indent=2))
+    if only is not None and only not in TEACHERS:
+        raise click.BadParameter(f"unknown teacher {only!r}; choose from {', '.join(TEACHERS)}", param_hint="--only")
+    click.echo(json.dumps(train_zoo(out or ZOO_DIR, steps=steps, seed=seed, only=only), indent=2))
 
 
 if __name__ == "__main__":

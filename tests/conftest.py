@@ -37,7 +37,8 @@ def tiny_model(family: str, seed: int = 0):
             caption_channels=32, sample_size=LATENT, patch_size=1)),
     }
     cls_name, cfg = configs[family]
-    return getattr(diffusers, cls_name)(**cfg).eval()
+    # Frozen like every loaded model: requires_grad alone changes which CPU kernels run.
+    return getattr(diffusers, cls_name)(**cfg).eval().requires_grad_(False)
 
 
 FAMILIES = ["dit", "pixart", "sd3", "flux", "sana"]

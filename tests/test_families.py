@@ -66,3 +66,32 @@ def test_prune_save_restore_identical(family, tmp_path):
 def test_unsupported_class_names_supported_ones():
     with pytest.raises(UnsupportedModelError, match="DiTTransformer2DModel.*FluxTransformer2DModel"):
         get_adapter(torch.nn.Linear(2, 2))
+
+
+def test_label_conditioned_text_family_prunes_restores_and_exports(tmp_path):
+    """SD3 driven by class labels through a learned conditioner (the bundled SD3 teacher's setup)."""
+    from dit_compress.models.conditioner import LabelConditioner
+
+    model = tiny_model("sd3")
+    torch.manual_seed(1)
+    cond = LabelConditioner(num_classes=10, tokens=3, token_dim=32, pooled_dim=24).eval().requires_grad_(False)
+    teacher = LoadedModel(model, get_adapter(model, LATENT, cond), dict(DEFAULT_SCHEDULER), "tiny:sd3",
+                          {}, LATENT, cond)
+    assert teacher.adapter.num_classes == 10
+    calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
+    assert set(calib.cond) == {"class_labels"} and int(calib.null_cond["class_labels"][0]) == 10
+    stage = get_stage("prune")
+    cfg = stage.config_cls(ratio=0.5, recover=None)
+    student, meta = stage.apply(copy.deepcopy(model), cfg, StageContext(teacher, calib, tmp_path / "w"))
+    assert 3 not in meta["removed"], "SD3's last joint block must stay"
+    rec = StageRecord("prune", cfg.model_dump(mode="json"), meta)
+    save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"latent_size": LATENT}), [rec],
+                    conditioner=cond)
+    restored = load_compressed(tmp_path / "ckpt")
+    x, t, c = teacher.adapter.example_inputs(2, seed=3)
+    with torch.no_grad():
+        assert torch.equal(teacher.with_model(student).adapter.denoise(student, x, t, c),
+                           restored.adapter.denoise(restored.model, x, t, c))
+    info = export_onnx(restored.model, restored.adapter, tmp_path / "m.onnx")
+    assert info["inputs"] == ["sample", "timestep", "class_labels"]
+    assert info["parity"]["max_abs_error"] <= 1e-4

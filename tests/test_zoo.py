@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from dit_compress.data.digits import load_digits_split
 from dit_compress.models.classifier import DigitClassifier
-from dit_compress.models.load import ZOO_DIR, load_transformer
+from dit_compress.models.load import ZOO_DIR, load_transformer, zoo_names
 from dit_compress.sampling import NoiseSchedule, sample_batched
+from dit_compress.train.zoo import TEACHERS
 
 
 def test_classifier_heldout_accuracy():
@@ -20,9 +22,10 @@ def test_classifier_heldout_accuracy():
     assert acc >= 0.96, f"classifier held-out accuracy {acc:.3f} < 0.96"
 
 
-def test_teacher_guided_samples_are_the_requested_digits():
-    teacher = load_transformer("zoo:digits-dit")
-    card = json.loads((ZOO_DIR / "digits-dit" / "ditc_zoo.json").read_text())
+@pytest.mark.parametrize("name", [n for n in zoo_names() if n in TEACHERS])
+def test_teacher_guided_samples_are_the_requested_digits(name):
+    teacher = load_transformer(f"zoo:{name}")
+    card = json.loads((ZOO_DIR / name / "ditc_zoo.json").read_text())
     assert teacher.card["classifier"] == "digits-classifier" and teacher.adapter.num_classes == 10
     g = torch.Generator().manual_seed(99)
     labels = torch.arange(10).repeat(10)

@@ -48,8 +48,12 @@ def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
     }
 
 
+CONDITIONER = "conditioner"
+
+
 def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[StageRecord],
-                    recipe_hash: str | None = None, extra: dict | None = None) -> Path:
+                    recipe_hash: str | None = None, extra: dict | None = None,
+                    conditioner: nn.Module | None = None) -> Path:
     """Write the checkpoint atomically: a reader never sees a half-written folder."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -66,6 +70,8 @@ def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[Sta
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    if conditioner is not None:  # tiny, and it makes the checkpoint self-contained
+        conditioner.save(tmp / CONDITIONER)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if all(STAGES[s.name].stock_architecture for s in stages if s.name in STAGES):
         # Still a stock diffusers class: also a folder that plain `from_pretrained` loads.
@@ -95,7 +101,12 @@ def load_compressed(folder: str | Path) -> LoadedModel:
     manifest = read_manifest(folder)
     base = manifest["base"]
     model = build_from_config({"_class_name": base["class_name"], **base["config"]})
-    adapter = get_adapter(model, base.get("latent_size"))
+    conditioner = None
+    if (folder / CONDITIONER).is_dir():
+        from ..models.conditioner import LabelConditioner
+
+        conditioner = LabelConditioner.load(folder / CONDITIONER)
+    adapter = get_adapter(model, base.get("latent_size"), conditioner)
     for i, rec in enumerate(manifest["stages"]):
         stage = get_stage(rec["name"])
         config = stage.config_cls.model_validate(rec["config"])
@@ -105,5 +116,5 @@ def load_compressed(folder: str | Path) -> LoadedModel:
             raise CheckpointError(f"{folder}: cannot replay stage {i} ({rec['name']}): {e}") from None
     load_weights_(model, folder / WEIGHTS, "the architecture replayed from the manifest")
     model.eval().requires_grad_(False)
-    return LoadedModel(model, get_adapter(model, base.get("latent_size")), base["scheduler_config"],
-                       f"compressed:{folder}", base.get("card") or {})
+    return LoadedModel(model, adapter, base["scheduler_config"], f"compressed:{folder}", base.get("card") or {},
+                       base.get("latent_size"), conditioner)

@@ -72,10 +72,8 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path) -> tuple
         records.append(StageRecord(spec.name, summary["config"], metadata))
         summaries.append(summary)
         save_compressed(done, model, base, records, recipe.hash,
-                        {"resume_key": _resume_key(recipe, i), "summaries": summaries})
-    student = LoadedModel(model, teacher.adapter.__class__(model, recipe.model.latent_size),
-                          teacher.scheduler_config, teacher.source, teacher.card)
-    return student, summaries
+                        {"resume_key": _resume_key(recipe, i), "summaries": summaries}, teacher.conditioner)
+    return teacher.with_model(model), summaries
 
 
 def _resume_key(recipe: Recipe, i: int) -> str:
@@ -102,7 +100,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
     base = base_reference(teacher, recipe.model.model_dump())
     records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
     ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
-                           {"recipe": recipe.to_dict(), "summaries": summaries})
+                           {"recipe": recipe.to_dict(), "summaries": summaries}, teacher.conditioner)
     return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start)
 
 
@@ -174,4 +172,5 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: 
     Distiller(teacher.model, student.model, teacher.adapter, calib, config, work, layer_map, "distill").run()
     student.model.eval().requires_grad_(False)
     carried = {k: manifest[k] for k in ("recipe", "summaries") if k in manifest}
-    return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"), carried)
+    return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"), carried,
+                           student.conditioner)

@@ -224,6 +224,51 @@ class SanaAdapter(FamilyAdapter):
         return model(x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t, return_dict=False)[0]
 
 
+class LabelConditionedAdapter(FamilyAdapter):
+    """A text-conditioned family driven by class labels through a learned conditioner.
+
+    The conditioner is frozen and shared by teacher and student; it is traced into the exported
+    graph, whose condition input is then `class_labels`."""
+
+    def __init__(self, base: FamilyAdapter, conditioner: nn.Module):
+        self.base, self.conditioner = base, conditioner
+        self.family, self.class_name, self.block_groups = base.family, base.class_name, base.block_groups
+
+    @property
+    def config(self) -> dict:
+        return self.base.config
+
+    @property
+    def in_channels(self) -> int:
+        return self.base.in_channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.base.latent_size
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.conditioner.num_classes)
+
+    def random_conditions(self, n, generator):
+        return {"class_labels": torch.randint(0, self.num_classes, (n,), generator=generator)}
+
+    def null_conditions(self, cond):
+        return {"class_labels": torch.full_like(cond["class_labels"], self.num_classes)}
+
+    def denoise(self, model, x, t, cond):
+        return self.base.denoise(model, x, t, self.conditioner(cond["class_labels"]))
+
+    def blocks(self, model):
+        return self.base.blocks(model)
+
+    def protected_blocks(self, model):
+        return self.base.protected_blocks(model)
+
+    def remove_blocks_(self, model, group, keep):
+        self.base.remove_blocks_(model, group, keep)
+
+
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (DiTAdapter, PixArtAdapter, SD3Adapter, FluxAdapter, SanaAdapter)
 SUPPORTED_CLASSES = tuple(a.class_name for a in ADAPTERS)
 
@@ -236,13 +281,15 @@ def adapter_for_class(class_name: str) -> type[FamilyAdapter]:
         f"unsupported model class {class_name!r}; supported: {', '.join(SUPPORTED_CLASSES)}")
 
 
-def get_adapter(model: nn.Module, latent_size: int | None = None) -> FamilyAdapter:
+def get_adapter(model: nn.Module, latent_size: int | None = None,
+                conditioner: nn.Module | None = None) -> FamilyAdapter:
     """The adapter for `model`, chosen by its diffusers class (subclasses included)."""
     import diffusers
 
     for a in ADAPTERS:
         cls = getattr(diffusers, a.class_name, None)
         if cls is not None and isinstance(model, cls):
-            return a(model, latent_size)
+            base = a(model, latent_size)
+            return LabelConditionedAdapter(base, conditioner) if conditioner is not None else base
     raise UnsupportedModelError(
         f"unsupported model class {type(model).__name__!r}; supported: {', '.join(SUPPORTED_CLASSES)}")

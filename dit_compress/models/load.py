@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from ..sampling import DEFAULT_SCHEDULER
 from .families import SUPPORTED_CLASSES, FamilyAdapter, adapter_for_class, get_adapter
+from .load_weights import load_weights_
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 ZOO_PREFIX = "zoo:"
@@ -25,10 +26,17 @@ class LoadedModel:
     scheduler_config: dict
     source: str
     card: dict = field(default_factory=dict)  # zoo card (classes, classifier, sampling) or {}
+    latent_size: int | None = None
+    conditioner: nn.Module | None = None  # label -> prompt embeddings, for label-driven text families
 
     @property
     def class_name(self) -> str:
         return type(self.model).__name__
+
+    def with_model(self, model: nn.Module) -> "LoadedModel":
+        """The same setting (scheduler, card, conditioner) around another model, e.g. a student."""
+        return LoadedModel(model, get_adapter(model, self.latent_size, self.conditioner), self.scheduler_config,
+                           self.source, self.card, self.latent_size, self.conditioner)
 
 
 def zoo_names() -> list[str]:
@@ -37,15 +45,15 @@ def zoo_names() -> list[str]:
 
 def resolve_source(source: str, subfolder: str | None) -> tuple[str, str | None, dict]:
     """Map `zoo:NAME` to its folder; default a pipeline folder's subfolder to `transformer`."""
-    card: dict = {}
     if source.startswith(ZOO_PREFIX):
         name = source[len(ZOO_PREFIX):]
         folder = ZOO_DIR / name
         if not (folder / "ditc_zoo.json").is_file():
             raise CheckpointError(f"unknown zoo model {name!r}; available: {', '.join(zoo_names()) or 'none'}")
-        card = json.loads((folder / "ditc_zoo.json").read_text())
         source, subfolder = str(folder), subfolder or "transformer"
     path = Path(source)
+    # A folder with a zoo card (the bundled models, or one written by `ditc zoo-train --out`).
+    card = json.loads((path / "ditc_zoo.json").read_text()) if (path / "ditc_zoo.json").is_file() else {}
     if path.is_dir() and subfolder is None and not (path / "config.json").is_file() \
             and (path / "transformer" / "config.json").is_file():
         subfolder = "transformer"  # a pipeline folder: the denoiser lives in transformer/
@@ -95,8 +103,13 @@ def load_transformer(
         raise CheckpointError(f"model source not found: {source!r} (expected zoo:NAME, a folder, "
                               f"a hub id org/name, or a .safetensors file)")
     model.eval().requires_grad_(False)
-    return LoadedModel(model, get_adapter(model, latent_size), _scheduler_config(source),
-                       source_in, card)
+    conditioner = None
+    if card.get("conditioner"):
+        from .conditioner import LabelConditioner
+
+        conditioner = LabelConditioner.load(Path(source) / card["conditioner"])
+    return LoadedModel(model, get_adapter(model, latent_size, conditioner), _scheduler_config(source),
+                       source_in, card, latent_size, conditioner)
 
 
 def _read_config(source: str, subfolder: str | None) -> dict:
@@ -134,23 +147,6 @@ def _load_safetensors_file(path: Path, config: str | None) -> nn.Module:
         raise CheckpointError(f"cannot read model config {cfg_path}: {e}") from None
     model = _class_of(cfg, str(cfg_path)).from_config(cfg)
     return load_weights_(model, path, f"its config {cfg_path}")
-
-
-def load_weights_(model: nn.Module, path: Path, against: str) -> nn.Module:
-    """Load a safetensors file into `model` strictly; errors name the file and what differs."""
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt weights ({str(e).splitlines()[0]})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match {against}: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    return model
 
 
 def build_from_config(config: dict) -> nn.Module:

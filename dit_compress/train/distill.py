@@ -41,7 +41,7 @@ class DistillConfig(StageConfig):
     seed: int = 0
 
 
-def _image_hidden(output) -> torch.Tensor:
+def image_hidden(output) -> torch.Tensor:
     # Joint blocks (SD3, Flux) return (text, image); the image stream is last.
     return output[-1] if isinstance(output, (tuple, list)) else output
 
@@ -56,7 +56,7 @@ class _Capture:
 
     def _hook(self, name):
         def hook(_module, _inputs, output):
-            self.values[name] = _image_hidden(output)
+            self.values[name] = image_hidden(output)
         return hook
 
     def close(self):

@@ -1,9 +1,10 @@
-"""Train the bundled zoo: a digit classifier and a class-conditional flow-matching DiT teacher.
+"""Train the bundled zoo: a digit classifier and class-conditional flow-matching teachers.
 
-    ditc zoo-train                 # retrains both into dit_compress/models/zoo/
-    ditc zoo-train --steps 300     # a quick smoke run into another folder with --out
+    ditc zoo-train                        # classifier + every teacher into dit_compress/models/zoo/
+    ditc zoo-train --only digits-sd3      # one teacher, keeping the classifier
+    ditc zoo-train --steps 300 --out DIR  # a quick smoke run elsewhere
 
-Seeded and CPU-only; the full run takes about half an hour on two cores.
+Seeded and CPU-only; each teacher takes about half an hour on two cores.
 """
 
 from __future__ import annotations
@@ -22,10 +23,26 @@ from ..data.digits import NUM_CLASSES, load_digits_split
 from ..models.classifier import DigitClassifier
 from ..sampling import DEFAULT_SCHEDULER, NoiseSchedule, sample_batched
 
-TEACHER_CONFIG = dict(
-    num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=8,
-    sample_size=16, patch_size=4, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero",
-)
+# The bundled teachers: one per family that later stages must cover.
+TEACHERS = {
+    "digits-dit": {
+        "class": "DiTTransformer2DModel",
+        "config": dict(num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=8,
+                       sample_size=16, patch_size=4, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero"),
+        "conditioner": None,
+        "description": "Class-conditional DiTTransformer2DModel (8 blocks, width 128, patch 4)",
+    },
+    "digits-sd3": {
+        "class": "SD3Transformer2DModel",
+        "config": dict(sample_size=16, patch_size=4, in_channels=1, out_channels=1, num_layers=8,
+                       attention_head_dim=24, num_attention_heads=4, joint_attention_dim=64,
+                       caption_projection_dim=96, pooled_projection_dim=64, pos_embed_max_size=4),
+        # The digit label reaches the MMDiT through its text inputs, via a learned embedding.
+        "conditioner": dict(num_classes=NUM_CLASSES, tokens=4, token_dim=64, pooled_dim=64),
+        "description": "SD3Transformer2DModel (MMDiT, 8 joint blocks, width 96, patch 4) conditioned on "
+                       "a learned label embedding through encoder_hidden_states and pooled projections",
+    },
+}
 SAMPLING = {"steps": 16, "guidance_scale": 2.0}
 LABEL_DROPOUT = 0.1
 
@@ -64,46 +81,56 @@ def _logit_normal(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(torch.randn(n, generator=g))
 
 
-def train_teacher(out: Path, steps: int = 6000, batch: int = 128, lr: float = 5e-4, seed: int = 0) -> dict:
-    """Rectified-flow training of a class-conditional DiT with label dropout for CFG; EMA weights."""
-    from diffusers import DiTTransformer2DModel
+def train_teacher(out: Path, name: str = "digits-dit", steps: int = 6000, batch: int = 128, lr: float = 5e-4,
+                  seed: int = 0) -> dict:
+    """Rectified-flow training of a class-conditional teacher with label dropout for CFG; EMA weights."""
+    import diffusers
 
+    from ..models.conditioner import LabelConditioner
+    from ..models.families import get_adapter
+
+    spec = TEACHERS[name]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     data = load_digits_split("train")
-    model = DiTTransformer2DModel(**TEACHER_CONFIG)
+    model = getattr(diffusers, spec["class"])(**spec["config"])
+    conditioner = LabelConditioner(**spec["conditioner"]) if spec["conditioner"] else None
+    adapter = get_adapter(model, None, conditioner)
+    modules = torch.nn.ModuleList([model] + ([conditioner] if conditioner else []))
     # Eval mode throughout: diffusers' per-block LabelEmbedding would otherwise drop labels
     # independently in each block; we drop them ourselves, consistently for the whole model.
-    model.eval()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    modules.eval()
+    ema = copy.deepcopy(modules).requires_grad_(False)
+    opt = torch.optim.AdamW(modules.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     schedule = NoiseSchedule(DEFAULT_SCHEDULER)
     start, losses = time.time(), []
-    bar = tqdm(range(steps), desc="teacher")
+    bar = tqdm(range(steps), desc=name)
     for step in bar:
         idx = torch.randint(0, len(data.labels), (batch,), generator=g)
         x0, y = data.images[idx], data.labels[idx].clone()
-        y[torch.rand(batch, generator=g) < LABEL_DROPOUT] = NUM_CLASSES
+        y[torch.rand(batch, generator=g) < LABEL_DROPOUT] = adapter.num_classes  # the null label
         noise = torch.randn(x0.shape, generator=g)
         t = _logit_normal(batch, g) * schedule.num_train_timesteps
-        pred = model(schedule.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
+        pred = adapter.denoise(model, schedule.add_noise(x0, noise, t), t, {"class_labels": y})
         loss = F.mse_loss(pred, schedule.target(x0, noise))
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         opt.step()
         sched.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), modules.parameters()):
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     out.mkdir(parents=True, exist_ok=True)
-    ema.save_pretrained(out / "transformer")
+    ema[0].save_pretrained(out / "transformer")
+    if conditioner is not None:
+        ema[1].save(out / "conditioner")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DEFAULT_SCHEDULER, indent=2) + "\n")
     return {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "label_dropout": LABEL_DROPOUT,
@@ -112,37 +139,44 @@ def train_teacher(out: Path, steps: int = 6000, batch: int = 128, lr: float = 5e
 
 
 def guided_accuracy(folder: Path, classifier: DigitClassifier, n_per_class: int = 50, seed: int = 1234) -> float:
-    from diffusers import DiTTransformer2DModel
+    from ..models.load import load_transformer
 
-    from ..models.families import get_adapter
-
-    model = DiTTransformer2DModel.from_pretrained(folder / "transformer").eval()
-    adapter = get_adapter(model)
+    teacher = load_transformer(str(folder))
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
-    noise = torch.randn(len(labels), *adapter.latent_shape(), generator=g)
-    x = sample_batched(model, adapter, NoiseSchedule(DEFAULT_SCHEDULER), {"class_labels": labels}, noise,
-                       SAMPLING["steps"], SAMPLING["guidance_scale"])
+    noise = torch.randn(len(labels), *teacher.adapter.latent_shape(), generator=g)
+    x = sample_batched(teacher.model, teacher.adapter, NoiseSchedule(teacher.scheduler_config),
+                       {"class_labels": labels}, noise, SAMPLING["steps"], SAMPLING["guidance_scale"])
     with torch.no_grad():
         return (classifier(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
 
 
-def train_zoo(out: Path, steps: int = 6000, seed: int = 0) -> dict:
+def train_zoo(out: Path, steps: int = 6000, seed: int = 0, only: str | None = None) -> dict:
+    """Train the classifier (unless `only` names one teacher) and the teachers into `out`."""
     out = Path(out)
-    cls_meta = train_classifier(out / "digits-classifier", seed=seed)
-    teacher_meta = train_teacher(out / "digits-dit", steps=steps, seed=seed)
+    result = {}
+    if only is None:
+        result["classifier"] = train_classifier(out / "digits-classifier", seed=seed)
     classifier = DigitClassifier.load(out / "digits-classifier")
-    teacher_meta["guided_accuracy_500"] = round(guided_accuracy(out / "digits-dit", classifier), 4)
-    card = {
-        "name": "digits-dit",
-        "description": "Class-conditional DiTTransformer2DModel (8 blocks, width 128, patch 4) trained "
-                       "with rectified flow on scikit-learn digits upsampled to 16x16, pixel space.",
-        "num_classes": NUM_CLASSES,
-        "classifier": "digits-classifier",
-        "dataset": "sklearn-digits-16x16",
-        "sampling": SAMPLING,
-        "training": teacher_meta,
-        "retrain": "ditc zoo-train",
-    }
-    (out / "digits-dit" / "ditc_zoo.json").write_text(json.dumps(card, indent=2) + "\n")
-    return {"classifier": cls_meta, "teacher": teacher_meta}
+    for name, spec in TEACHERS.items():
+        if only not in (None, name):
+            continue
+        meta = train_teacher(out / name, name, steps=steps, seed=seed)
+        card = {
+            "name": name,
+            "description": spec["description"] + ", trained with rectified flow on scikit-learn digits "
+                           "upsampled to 16x16, pixel space.",
+            "num_classes": NUM_CLASSES,
+            "classifier": "digits-classifier",
+            "dataset": "sklearn-digits-16x16",
+            "sampling": SAMPLING,
+            "training": meta,
+            "retrain": f"ditc zoo-train --only {name}",
+        }
+        if spec["conditioner"]:
+            card["conditioner"] = "conditioner"
+        (out / name / "ditc_zoo.json").write_text(json.dumps(card, indent=2) + "\n")
+        meta["guided_accuracy_500"] = round(guided_accuracy(out / name, classifier), 4)
+        (out / name / "ditc_zoo.json").write_text(json.dumps(card, indent=2) + "\n")
+        result[name] = meta
+    return result

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ...data.calibration import CalibrationSet
 from ...models.families import FamilyAdapter
-from ...train.distill import _image_hidden
+from ...train.distill import image_hidden
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def block_influence(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
 
     def post(i):
         def hook(_m, _args, _kwargs, output):
-            h_in, h_out = inputs.pop(i), _image_hidden(output)
+            h_in, h_out = inputs.pop(i), image_hidden(output)
             sums[i] += (1 - torch.cosine_similarity(h_in, h_out, dim=-1)).mean().item()
         return hook
 

@@ -1,0 +1,26 @@
+"""Strict safetensors loading with errors that name the file and what differs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from ..errors import CheckpointError
+
+
+def load_weights_(model: nn.Module, path: Path, against: str) -> nn.Module:
+    """Load a safetensors file into `model` strictly; errors name the file and what differs."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt weights ({str(e).splitlines()[0]})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match {against}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    return model
