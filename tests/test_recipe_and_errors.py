@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -124,3 +125,9 @@ def test_corrupt_or_missing_checkpoint(tmp_path, damage, message):
                "-o", str(out))
     assert res.exit_code == 2 and res.output.startswith("error:")
     assert not out.exists() and not list(tmp_path.glob(".x.onnx*"))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    res = _cli("validate", str(path))
+    assert res.exit_code == 0 and res.output.startswith("ok: "), res.output

@@ -30,7 +30,7 @@ class PruneStage(Stage):
     config_cls = PruneConfig
 
     def apply(self, model, config: PruneConfig, ctx: StageContext):
-        adapter = ctx.teacher.adapter
+        adapter = ctx.teacher.with_model(model).adapter  # the student's own: surgery updates its config
         names = _block_names(adapter, model)
         protected = {names.index(f"{g}.{i}") for g, i in adapter.protected_blocks(model)}
         scores = None
