@@ -104,12 +104,21 @@ def _summary(report: dict, out: Path) -> None:
 @click.option("--remove", help="Comma-separated block indices to remove instead of --ratio.")
 @click.option("--steps", type=int, default=600, show_default=True, help="Recovery distillation steps.")
 @click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
+@click.option("--analyse-only", is_flag=True,
+              help="Only analyse block redundancy (similarity, CKA, linear probes, intervals); prune nothing.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
 @_errors
-def prune(model: str, ratio: float | None, remove: str | None, steps: int, subfolder: str | None, out: Path) -> None:
+def prune(model: str, ratio: float | None, remove: str | None, steps: int, subfolder: str | None,
+          analyse_only: bool, out: Path) -> None:
     """Depth-prune MODEL (zoo:NAME, folder, hub id) and recover it; writes a full run folder."""
-    from .core.pipeline import run_recipe
+    from .core.pipeline import analyse, run_recipe
     from .core.recipe import parse_recipe
+
+    if analyse_only:
+        result = analyse({"source": model, "subfolder": subfolder}, out)
+        intervals = "; ".join(f"blocks {iv['blocks']} (probe R² {iv['probe_r2']:.3f})" for iv in result["intervals"])
+        click.echo(f"wrote {out}/analysis.json and analysis.png; redundant intervals: {intervals or 'none'}")
+        return
 
     cfg: dict = {"recover": {"steps": steps, "feature_weight": 1.0}}
     if remove:

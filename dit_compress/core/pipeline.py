@@ -174,3 +174,19 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: 
     carried = {k: manifest[k] for k in ("recipe", "summaries") if k in manifest}
     return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"), carried,
                            student.conditioner)
+
+
+def analyse(model_spec: dict, out: str | Path, calibration: CalibrationSpec | None = None) -> dict:
+    """`ditc prune --analyse-only`: block redundancy of a model, as analysis.json + analysis.png."""
+    from ..stages.prune.analysis import analyse_redundancy, plot_analysis
+
+    teacher = load_transformer(model_spec["source"], model_spec.get("subfolder"), model_spec.get("config"),
+                               model_spec.get("latent_size"))
+    out = Path(out)
+    (out / ".work").mkdir(parents=True, exist_ok=True)
+    calib = build_calibration(teacher, calibration or CalibrationSpec(), out / ".work")
+    analysis = analyse_redundancy(teacher.model, teacher.adapter, calib)
+    plot_analysis(analysis, out / "analysis.png")
+    result = analysis.to_json()
+    write_json(out / "analysis.json", {"model": model_spec, **result})
+    return result
