@@ -18,7 +18,7 @@ from .. import __version__
 from ..errors import CheckpointError
 from ..models.families import get_adapter
 from ..models.load import LoadedModel, build_from_config, load_weights_
-from .stage import STAGES, get_stage
+from .stage import get_stage
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -73,7 +73,7 @@ def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[Sta
     if conditioner is not None:  # tiny, and it makes the checkpoint self-contained
         conditioner.save(tmp / CONDITIONER)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if all(STAGES[s.name].stock_architecture for s in stages if s.name in STAGES):
+    if all(get_stage(s.name).stock_architecture for s in stages):
         # Still a stock diffusers class: also a folder that plain `from_pretrained` loads.
         model.save_pretrained(tmp / "diffusers")
     if folder.exists():

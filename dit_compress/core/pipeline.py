@@ -10,6 +10,8 @@ Outputs, in the output folder:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,17 +24,17 @@ from ..evaluate.report import save_curves, save_grid, write_json, write_markdown
 from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
 from ..train.distill import DistillConfig, Distiller
-from .manifest import MANIFEST, StageRecord, base_reference, load_compressed, read_manifest, save_compressed
 from ..errors import RecipeError
+from .manifest import MANIFEST, StageRecord, base_reference, load_compressed, read_manifest, save_compressed
 from .recipe import Recipe, apply_overrides, parse_recipe
 from .stage import StageContext, get_stage
 
 log = logging.getLogger("dit_compress")
 
 
-def load_teacher(recipe: Recipe) -> LoadedModel:
-    m = recipe.model
-    return load_transformer(m.source, m.subfolder, m.config, m.latent_size)
+def load_teacher(spec: dict) -> LoadedModel:
+    """The teacher named by a recipe's `model:` section (also stored in every manifest)."""
+    return load_transformer(spec["source"], spec.get("subfolder"), spec.get("config"), spec.get("latent_size"))
 
 
 def _stage_dir(work: Path, i: int, name: str) -> Path:
@@ -78,9 +80,6 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path) -> tuple
 
 def _resume_key(recipe: Recipe, i: int) -> str:
     # A stage's result depends on the model, calibration and stages up to and including it.
-    import hashlib
-    import json
-
     d = recipe.to_dict()
     key = [d["model"], d["calibration"], d["stages"][: i + 1]]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -88,7 +87,7 @@ def _resume_key(recipe: Recipe, i: int) -> str:
 
 def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
     """Run `recipe`, writing everything under `out_dir`; returns the report (with gate result)."""
-    teacher = load_teacher(recipe)  # fails before anything is written
+    teacher = load_teacher(recipe.model.model_dump())  # fails before anything is written
     out = Path(out_dir)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -112,7 +111,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: 
         raise RecipeError(f"{checkpoint}: the manifest carries no recipe to evaluate with")
     recipe = parse_recipe(apply_overrides(copy.deepcopy(manifest["recipe"]), overrides or []),
                           f"{checkpoint}/{MANIFEST}")
-    teacher = load_teacher(recipe)
+    teacher = load_teacher(recipe.model.model_dump())
     student = load_compressed(checkpoint)
     out = Path(out_dir)
     (out / ".work").mkdir(parents=True, exist_ok=True)
@@ -159,8 +158,7 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: 
     checkpoint, out = Path(checkpoint), Path(out)
     manifest = read_manifest(checkpoint)
     student = load_compressed(checkpoint)
-    spec = manifest["base"]["model_spec"]
-    teacher = load_transformer(spec["source"], spec.get("subfolder"), spec.get("config"), spec.get("latent_size"))
+    teacher = load_teacher(manifest["base"]["model_spec"])
     work = out.with_name(out.name + ".work")
     calib = build_calibration(teacher, CalibrationSpec(), work)
     records = [StageRecord(**r) for r in manifest["stages"]]
@@ -180,8 +178,7 @@ def analyse(model_spec: dict, out: str | Path, calibration: CalibrationSpec | No
     """`ditc prune --analyse-only`: block redundancy of a model, as analysis.json + analysis.png."""
     from ..stages.prune.analysis import analyse_redundancy, plot_analysis
 
-    teacher = load_transformer(model_spec["source"], model_spec.get("subfolder"), model_spec.get("config"),
-                               model_spec.get("latent_size"))
+    teacher = load_teacher(model_spec)
     out = Path(out)
     (out / ".work").mkdir(parents=True, exist_ok=True)
     calib = build_calibration(teacher, calibration or CalibrationSpec(), out / ".work")

@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -99,10 +100,7 @@ class Distiller:
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "fingerprint": self.fingerprint, "param_groups": state["param_groups"],
             "history": history}))
-        if self.ckpt.exists():
-            for f in self.ckpt.iterdir():
-                f.unlink()
-            self.ckpt.rmdir()
+        shutil.rmtree(self.ckpt, ignore_errors=True)
         tmp.rename(self.ckpt)
 
     def _load(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:

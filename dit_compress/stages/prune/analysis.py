@@ -65,9 +65,12 @@ class RedundancyAnalysis:
 
 
 @torch.no_grad()
-def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
-                    batches: int = 4, batch_size: int = 64, max_tokens: int = 8192) -> list[torch.Tensor]:
-    """Image hidden states (tokens, features) at every block boundary, on calibration batches."""
+def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, batches: int = 4,
+                    batch_size: int = 64, max_tokens: int | None = 8192,
+                    first_batch: int = 20_000_000) -> list[torch.Tensor]:
+    """Image hidden states (tokens, features) at every block boundary, on calibration batches.
+
+    Batch indices start at `first_batch`, far from the indices distillation trains on."""
     blocks = [b for _, _, b in adapter.blocks(model)]
     states: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
 
@@ -83,15 +86,25 @@ def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
     handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
     try:
         for k in range(batches):
-            b = calib.batch(20_000_000 + k, batch_size)  # disjoint from training batches
+            b = calib.batch(first_batch + k, batch_size)
             adapter.denoise(model, b.x_t, b.t, b.cond)
     finally:
         for h in handles:
             h.remove()
     out = [torch.cat(s).float() for s in states]
+    if max_tokens is None or len(out[0]) <= max_tokens:
+        return out
     g = torch.Generator().manual_seed(0)
     keep = torch.randperm(len(out[0]), generator=g)[:max_tokens]
     return [s[keep] for s in out]
+
+
+def block_influence(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
+                    batches: int = 4, batch_size: int = 64) -> list[float]:
+    """Block Influence (ShortGPT): 1 - mean token cosine(input, output) of each block's image
+    stream. A block whose output is nearly its input changes little and goes first."""
+    h = boundary_states(model, adapter, calib, batches, batch_size, max_tokens=None, first_batch=10_000_000)
+    return [float(1 - torch.cosine_similarity(h[i], h[i + 1], dim=-1).mean()) for i in range(len(h) - 1)]
 
 
 def find_intervals(similarity: list[float], removable: list[bool], flat: float | None = None) -> list[list[int]]:

@@ -8,7 +8,7 @@ from ...core.stage import Stage, StageContext
 from ...errors import RecipeError
 from ...models.families import FamilyAdapter
 from .config import PruneConfig
-from .importance import block_influence
+from .analysis import block_influence
 
 
 def _block_names(adapter: FamilyAdapter, model: nn.Module) -> list[str]:
