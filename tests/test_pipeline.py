@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory):
         "name": "tiny",
         "model": {"source": str(tmp / "teacher")},
         "calibration": {"num_samples": 16, "sampling_steps": 2},
-        "stages": [{"prune": {"remove": [1, 2], "recover": {"steps": 4, "batch_size": 8, "feature_weight": 1.0}}}],
+        "stages": [{"prune": {"method": "depth", "remove": [1, 2], "recover": {"steps": 4, "batch_size": 8, "feature_weight": 1.0}}}],
         "evaluation": {"num_samples": 10, "seeds": [0], "compare_samples": 4, "sampling_steps": 2,
                        "denoiser_samples": 8, "timestep_bands": 2, "latency_batch": 2, "latency_repeats": 3},
         # Deliberately impossible: the run must finish, write its report, and exit 1.

@@ -73,7 +73,7 @@ def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[Sta
     if conditioner is not None:  # tiny, and it makes the checkpoint self-contained
         conditioner.save(tmp / CONDITIONER)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if all(get_stage(s.name).stock_architecture for s in stages):
+    if all(get_stage(s.name).is_stock(s.metadata) for s in stages):
         # Still a stock diffusers class: also a folder that plain `from_pretrained` loads.
         model.save_pretrained(tmp / "diffusers")
     if folder.exists():

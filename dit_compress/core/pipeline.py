@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -41,29 +42,53 @@ def _stage_dir(work: Path, i: int, name: str) -> Path:
     return work / f"stage{i}-{name}"
 
 
-def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path) -> tuple[LoadedModel, list[dict]]:
-    """Apply each stage to a copy of the teacher, recovering after each; resumable per stage."""
+def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
+               ) -> tuple[LoadedModel, list[dict], dict[str, Path]]:
+    """Apply each stage to a copy of the teacher, recovering after each; resumable per stage.
+
+    Returns the student, the stage summaries, and the variants (other results of the last
+    stage, such as PPCL's other ratios) as checkpoint folders by label."""
     base = base_reference(teacher, recipe.model.model_dump())
     model = copy.deepcopy(teacher.model)
     records: list[StageRecord] = []
     summaries: list[dict] = []
+    variants: dict[str, Path] = {}
     for i, spec in enumerate(recipe.stages):
         stage = get_stage(spec.name)
         done = _stage_dir(work, i, spec.name)
+        variant_dir = done.with_suffix(".variants")
+        if variants:
+            log.warning("stage %d (%s) follows a stage with variants; only the main model goes on "
+                        "(variants stay in %s)", i, spec.name, next(iter(variants.values())).parent)
+        variants = {}
         if (done / MANIFEST).is_file() and read_manifest(done).get("resume_key") == _resume_key(recipe, i):
             log.info("stage %d (%s): already done, restoring from %s", i, spec.name, done)
             model = load_compressed(done).model
             manifest = read_manifest(done)
             records = [StageRecord(**r) for r in manifest["stages"]]
             summaries = manifest["summaries"]
+            variants = {p.name: p for p in sorted(variant_dir.glob("*")) if (p / MANIFEST).is_file()}
             continue
         log.info("stage %d (%s): applying", i, spec.name)
         t0 = time.time()
-        ctx = StageContext(teacher=teacher, calibration=calib, work_dir=done.with_suffix(".work"))
+        config_json = spec.config.model_dump(mode="json")
+
+        def save_variant(label: str, variant, metadata: dict, _prior=list(records), _name=spec.name,
+                         _config=config_json) -> None:
+            variants[label] = save_compressed(
+                variant_dir / label, variant, base, [*_prior, StageRecord(_name, _config, metadata)], recipe.hash,
+                {"variant": label}, teacher.conditioner)
+
+        shutil.rmtree(variant_dir, ignore_errors=True)
+        ctx = StageContext(teacher=teacher, calibration=calib, work_dir=done.with_suffix(".work"),
+                           save_variant=save_variant)
         model, metadata = stage.apply(model, spec.config, ctx)
-        summary = {"name": spec.name, "config": spec.config.model_dump(mode="json"), "metadata": metadata,
+        training = metadata.pop("training", None)  # a stage that distils as part of its method
+        summary = {"name": spec.name, "config": config_json, "metadata": metadata,
                    "apply_seconds": round(time.time() - t0, 2)}
-        recover = getattr(spec.config, "recover", None)
+        if training:
+            summary["recovery"] = training
+        recover = stage.recovery(spec.config)
         if recover is not None:
             log.info("stage %d (%s): recovering by distillation (%d steps)", i, spec.name, recover.steps)
             model.requires_grad_(True)
@@ -75,7 +100,7 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path) -> tuple
         summaries.append(summary)
         save_compressed(done, model, base, records, recipe.hash,
                         {"resume_key": _resume_key(recipe, i), "summaries": summaries}, teacher.conditioner)
-    return teacher.with_model(model), summaries
+    return teacher.with_model(model), summaries, variants
 
 
 def _resume_key(recipe: Recipe, i: int) -> str:
@@ -94,13 +119,18 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
     t_start = time.time()
     log.info("calibration: %d teacher samples", recipe.calibration.num_samples)
     calib = build_calibration(teacher, recipe.calibration, work)
-    student, summaries = run_stages(recipe, teacher, calib, work)
+    student, summaries, variants = run_stages(recipe, teacher, calib, work)
 
     base = base_reference(teacher, recipe.model.model_dump())
     records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
     ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
                            {"recipe": recipe.to_dict(), "summaries": summaries}, teacher.conditioner)
-    return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start)
+    published = {}
+    for label, folder in variants.items():
+        published[label] = out / "variants" / label
+        shutil.rmtree(published[label], ignore_errors=True)
+        shutil.copytree(folder, published[label])
+    return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start, published)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> dict:
@@ -121,27 +151,41 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: 
 
 
 def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel, calib, summaries: list[dict],
-                      ckpt: Path, out: Path, t_start: float) -> dict:
-    """ONNX export with parity, evaluation against the teacher, pictures, report and gate."""
-    export_info = None
-    student_onnx = teacher_onnx = None
-    if recipe.export.onnx:
-        log.info("exporting ONNX (dynamo) with parity check")
-        e = recipe.export
-        export_info = export_onnx(student.model, student.adapter, out / "onnx" / "student.onnx",
-                                  e.batch, e.opset, e.parity_atol)
-        student_onnx = out / "onnx" / "student.onnx"
-        teacher_onnx = out / "onnx" / "teacher.onnx"  # for the latency ratio, measured in this run
-        export_onnx(teacher.model, teacher.adapter, teacher_onnx, e.batch, e.opset, e.parity_atol)
+                      ckpt: Path, out: Path, t_start: float, variants: dict[str, Path] | None = None,
+                      evaluator: Evaluator | None = None) -> dict:
+    """ONNX export with parity, evaluation against the teacher, pictures, report and gate.
 
-    ev = Evaluator(teacher, calib, recipe.evaluation)
-    quality, pictures = ev.quality(student)
-    cost = ev.cost(student, student_onnx, teacher_onnx, str(ckpt))
+    Variants are exported and evaluated the same way and reported beside the main student;
+    the gate judges the main student only."""
+    e = recipe.export
+    teacher_onnx = out / "onnx" / "teacher.onnx" if e.onnx else None
+    if e.onnx:  # the teacher's graph, for latency ratios measured in this run
+        export_onnx(teacher.model, teacher.adapter, teacher_onnx, e.batch, e.opset, e.parity_atol)
+    ev = evaluator or Evaluator(teacher, calib, recipe.evaluation)
+
+    def judge(model: LoadedModel, name: str, checkpoint: Path):
+        export_info = onnx_path = None
+        if e.onnx:
+            log.info("exporting %s to ONNX (dynamo) with parity check", name)
+            onnx_path = out / "onnx" / f"{name}.onnx"
+            export_info = export_onnx(model.model, model.adapter, onnx_path, e.batch, e.opset, e.parity_atol)
+        quality, pictures = ev.quality(model)
+        return quality, pictures, ev.cost(model, onnx_path, teacher_onnx, str(checkpoint)), export_info, onnx_path
+
+    quality, pictures, cost, export_info, student_onnx = judge(student, "student", ckpt)
+    variant_reports = {}
+    for label, folder in (variants or {}).items():
+        log.info("evaluating variant %s", label)
+        q, _, c, x, path = judge(load_compressed(folder), label, folder)
+        variant_reports[label] = {"checkpoint": str(folder), "onnx": str(path) if path else None,
+                                  "quality": q, "cost": c, "export": x,
+                                  "stage": read_manifest(folder)["stages"][-1]["metadata"]}
     report = {
         "version": __version__, "recipe": recipe.to_dict(), "recipe_hash": recipe.hash,
         "teacher": teacher.source, "family": teacher.adapter.family,
         "quality": quality, "cost": cost, "export": export_info, "stages": summaries,
         "artifacts": {"checkpoint": str(ckpt), "onnx": str(student_onnx) if student_onnx else None},
+        "variants": variant_reports,
         "wall_seconds": round(time.time() - t_start, 1),
     }
     report["gate"] = check_gate(report, [r.model_dump() for r in recipe.gate]) if recipe.gate else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
@@ -32,6 +32,9 @@ class StageContext:
     calibration: "CalibrationSet"
     work_dir: Path
     seed: int = 0
+    # save_variant(label, model, metadata): keep another result of the same run (e.g. PPCL's
+    # other pruning ratios) as a checkpoint of its own, evaluated beside the main one.
+    save_variant: Callable[[str, nn.Module, dict], None] | None = None
 
 
 class Stage(ABC):
@@ -40,8 +43,6 @@ class Stage(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[StageConfig]]
-    # True when the result is still a stock diffusers class that `from_pretrained` can load.
-    stock_architecture: ClassVar[bool] = True
 
     @abstractmethod
     def apply(self, model: nn.Module, config: StageConfig, ctx: StageContext) -> tuple[nn.Module, dict]:
@@ -51,6 +52,14 @@ class Stage(ABC):
     def restore(self, model: nn.Module, config: StageConfig, metadata: dict,
                 adapter: "FamilyAdapter") -> nn.Module:
         """Replay the transformation recorded in `metadata`; weights are loaded afterwards."""
+
+    def recovery(self, config: StageConfig):
+        """The DistillConfig the pipeline recovers with after `apply` (None: no generic recovery)."""
+        return getattr(config, "recover", None)
+
+    def is_stock(self, metadata: dict) -> bool:
+        """True when the result is still a stock diffusers class that `from_pretrained` can load."""
+        return True
 
     def layer_map(self, metadata: dict) -> list[tuple[str, str]]:
         """(student module, teacher module) pairs whose outputs recovery may match."""

@@ -73,6 +73,9 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+_BULKY = ("block_influence", "interval_costs", "width")
+
+
 def write_markdown(path: Path, report: dict) -> None:
     q, c = report["quality"], report["cost"]
     lines = [f"# {report['recipe']['name']} — compression report", "",
@@ -112,6 +115,18 @@ def write_markdown(path: Path, report: dict) -> None:
         if key in mem_t and key in mem_s:
             lines.append(f"| {label} | {mem_t[key]} | {mem_s[key]} | "
                          f"{round(mem_s[key] / max(mem_t[key], 1e-9), 3)} |")
+    if report.get("variants"):
+        lines += ["", "## Variants of the same run", "",
+                  "Other results of the last stage (e.g. PPCL's other ratios), judged like the student.", "",
+                  "| model | parameters ratio | MACs ratio | FD ratio | guided acc. | PSNR (dB) | ONNX latency ratio "
+                  "| parity |", "|---|---|---|---|---|---|---|---|"]
+        rows = [("student", report)] + sorted(report["variants"].items())
+        for name, r in rows:
+            vq, vc, vx = r["quality"], r["cost"], r.get("export") or {}
+            lines.append(f"| {name} | {vc['param_ratio']} | {vc['macs_ratio']} | {_fmt(vq.get('fd_ratio', 'n/a'))} | "
+                         f"{_fmt(vq.get('guided_accuracy_student', 'n/a'))} | {_fmt(vq['psnr_db'])} | "
+                         f"{vc.get('onnx_latency_ratio', 'n/a')} | "
+                         f"{_fmt(vx['parity']['max_abs_error']) if vx else 'n/a'} |")
     if report.get("export"):
         p = report["export"]["parity"]
         lines += ["", "## Export", "", f"`{report['export']['path']}`: ONNX Runtime vs PyTorch max abs error "
@@ -120,7 +135,7 @@ def write_markdown(path: Path, report: dict) -> None:
     for st in report.get("stages", []):
         rec = st.get("recovery") or {}
         lines.append(f"- `{st['name']}` {json.dumps(st['config'])}; "
-                     f"metadata: {json.dumps({k: v for k, v in st['metadata'].items() if k != 'block_influence'})}"
+                     f"metadata: {json.dumps({k: v for k, v in st['metadata'].items() if k not in _BULKY})}"
                      + (f"; recovery {rec.get('steps')} steps in {rec.get('seconds')} s, final output MSE "
                         f"{rec.get('final_output_mse')}" if rec else ""))
     path.write_text("\n".join(line for line in lines) + "\n")

@@ -1,7 +1,8 @@
 """One teacher-student distillation loop for every stage, on `accelerate`.
 
-Loss = MSE(student output, teacher output) + feature_weight * mean over mapped layers of the
-teacher-normalised MSE between hidden states. The same code runs on one CPU, one GPU, or
+The default objective is MSE(student output, teacher output) + feature_weight * mean over
+mapped layers of the teacher-normalised MSE between hidden states; a stage may bring its own
+objective (PPCL's contiguous-layer distillation). The same code runs on one CPU, one GPU, or
 several processes under `accelerate launch` / `torchrun`: each process takes its shard of the
 global batch, and only the main process writes checkpoints.
 """
@@ -65,6 +66,47 @@ class _Capture:
             h.remove()
 
 
+class Objective:
+    """What a distillation step minimises. `loss` returns (total loss, output MSE for logging)."""
+
+    def attach(self, teacher: nn.Module, student: nn.Module) -> None:
+        pass
+
+    def loss(self, step: int, batch, teacher: nn.Module, student: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class OutputFeatureObjective(Objective):
+    """MSE to the teacher's output + feature_weight * teacher-normalised MSE at mapped layers."""
+
+    def __init__(self, adapter: FamilyAdapter, layer_map: list[tuple[str, str]], feature_weight: float):
+        self.adapter, self.feature_weight = adapter, feature_weight
+        self.layer_map = layer_map if feature_weight > 0 else []
+
+    def attach(self, teacher, student):
+        self.s_cap = _Capture(student, [s for s, _ in self.layer_map])
+        self.t_cap = _Capture(teacher, [t for _, t in self.layer_map])
+
+    def loss(self, step, batch, teacher, student):
+        x, t, cond = batch
+        with torch.no_grad():
+            target = self.adapter.denoise(teacher, x, t, cond)
+        out_loss = torch.mean((self.adapter.denoise(student, x, t, cond) - target) ** 2)
+        loss = out_loss
+        if self.layer_map:
+            feat = [torch.mean((self.s_cap.values[s] - self.t_cap.values[t_]) ** 2)
+                    / (self.t_cap.values[t_].var() + 1e-6) for s, t_ in self.layer_map]
+            loss = loss + self.feature_weight * torch.stack(feat).mean()
+        return loss, out_loss
+
+    def close(self):
+        self.s_cap.close()
+        self.t_cap.close()
+
+
 def select_trainable_(model: nn.Module, patterns: list[str]) -> int:
     """Freeze everything except parameters whose names match a pattern; returns the count."""
     n = 0
@@ -79,10 +121,11 @@ def select_trainable_(model: nn.Module, patterns: list[str]) -> int:
 class Distiller:
     def __init__(self, teacher: nn.Module, student: nn.Module, adapter: FamilyAdapter,
                  calibration: CalibrationSet, config: DistillConfig, work_dir: Path,
-                 layer_map: list[tuple[str, str]] | None = None, desc: str = "distill"):
+                 layer_map: list[tuple[str, str]] | None = None, desc: str = "distill",
+                 objective: Objective | None = None):
         self.teacher, self.student, self.adapter = teacher, student, adapter
         self.calib, self.config, self.work_dir = calibration, config, Path(work_dir)
-        self.layer_map = layer_map if config.feature_weight > 0 else []
+        self.objective = objective or OutputFeatureObjective(adapter, layer_map or [], config.feature_weight)
         self.desc = desc
         self.ckpt = self.work_dir / "checkpoint"
         self.fingerprint = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
@@ -145,8 +188,7 @@ class Distiller:
         start, history = self._load(acc.unwrap_model(student), opt)
         if start:
             acc.print(f"resuming {self.desc} from step {start}")
-        s_cap = _Capture(acc.unwrap_model(student), [s for s, _ in self.layer_map])
-        t_cap = _Capture(teacher, [t for _, t in self.layer_map])
+        self.objective.attach(teacher, acc.unwrap_model(student))
         shard = (acc.process_index, acc.num_processes)
         t0 = time.time()
         bar = tqdm(range(start, c.steps), desc=self.desc, initial=start, total=c.steps,
@@ -158,15 +200,7 @@ class Distiller:
                 b = self.calib.batch(step, c.batch_size, shard)
                 x, t = b.x_t.to(acc.device), b.t.to(acc.device)
                 cond = {k: v.to(acc.device) for k, v in b.cond.items()}
-                with torch.no_grad():
-                    target = self.adapter.denoise(teacher, x, t, cond)
-                pred = self.adapter.denoise(student, x, t, cond)
-                out_loss = torch.mean((pred - target) ** 2)
-                loss = out_loss
-                if self.layer_map:
-                    feat = [torch.mean((s_cap.values[s] - t_cap.values[t_]) ** 2)
-                            / (t_cap.values[t_].var() + 1e-6) for s, t_ in self.layer_map]
-                    loss = loss + c.feature_weight * torch.stack(feat).mean()
+                loss, out_loss = self.objective.loss(step, (x, t, cond), teacher, student)
                 if not torch.isfinite(loss):
                     where = (f"last good checkpoint: {self.ckpt} (step {history[-1]['step']})"
                              if history else "no checkpoint yet")
@@ -185,8 +219,7 @@ class Distiller:
                 if acc.is_main_process and (done % c.checkpoint_every == 0 or done == c.steps):
                     self._save(done, acc.unwrap_model(student), opt, history)
         finally:
-            s_cap.close()
-            t_cap.close()
+            self.objective.close()
         acc.wait_for_everyone()
         return {"steps": c.steps, "resumed_from": start, "trainable_parameters": n_trainable,
                 "seconds": round(time.time() - t0, 1), "processes": acc.num_processes,

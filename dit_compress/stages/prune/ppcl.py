@@ -1,0 +1,279 @@
+"""PPCL: Pluggable Pruning with Contiguous Layer distillation (Ma et al., 2025).
+
+1. Plan. Every contiguous run of blocks [a..b] (2..max_len blocks, within one block list,
+   at most one architecturally protected block) is a candidate to collapse into one block.
+   Its cost is 1 - R² of a linear probe from the teacher's hidden state entering the run to the
+   one leaving it: a run that a linear map can stand in for is one a single block can learn.
+   For each requested ratio, a dynamic programme picks the disjoint runs of least total cost
+   that remove exactly that many blocks.
+2. Supernet. The student keeps a copy of every teacher block, plus one replacement block per
+   planned run (initialised from the run's most influential block, or its protected one), all
+   optionally width-pruned first (heads and FFN channels, Torch-Pruning).
+3. Contiguous-layer distillation, one phase for all ratios and for depth and width together:
+   - non-sequential block losses: every student block and every replacement is fed the
+     teacher's hidden states at its run's input and matched to the teacher's hidden states at
+     its run's output, so errors cannot accumulate along the depth and each replacement can be
+     plugged in independently of the others;
+   - output distillation of assembled students: each step assembles the student of one ratio
+     (alternating through the ratios), i.e. teacher-initialised blocks interleaved with the
+     replacements of that ratio's runs, and matches the teacher's prediction.
+4. Deployment. Any trained ratio assembles into a plain model without further training.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ...errors import RecipeError
+from ...models.families import FamilyAdapter
+from ...train.distill import Objective, image_hidden
+from .analysis import probe_r2
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Blocks first..last (global indices) collapse into one block initialised from `anchor`."""
+
+    first: int
+    last: int
+    anchor: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.first}-{self.last}"
+
+    @property
+    def saves(self) -> int:
+        return self.last - self.first
+
+    def blocks(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def to_json(self) -> list[int]:
+        return [self.first, self.last, self.anchor]
+
+
+def _groups_of(adapter: FamilyAdapter, model: nn.Module) -> list[str]:
+    return [g.attr for g, _, _ in adapter.blocks(model)]
+
+
+def interval_costs(states: list[torch.Tensor], groups: list[str], protected: set[int], max_len: int,
+                   allowed: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], float]:
+    """1 - held-out R² of a linear probe across each candidate run [a..b]."""
+    L = len(groups)
+    spans = allowed if allowed is not None else [
+        (a, b) for a in range(L) for b in range(a + 1, min(L, a + max_len))]
+    costs = {}
+    for a, b in spans:
+        if len(set(groups[a:b + 1])) > 1 or len(protected & set(range(a, b + 1))) > 1:
+            continue
+        costs[(a, b)] = max(0.0, 1.0 - probe_r2(states[a], states[b + 1]))
+    return costs
+
+
+def plan_removal(costs: dict[tuple[int, int], float], num_blocks: int, saves: int) -> list[tuple[int, int]]:
+    """Disjoint runs removing exactly `saves` blocks at least total cost (dynamic programme)."""
+    inf = float("inf")
+    best = [[inf] * (saves + 1) for _ in range(num_blocks + 1)]
+    choice: list[list[tuple | None]] = [[None] * (saves + 1) for _ in range(num_blocks + 1)]
+    best[0][0] = 0.0
+    for i in range(num_blocks):
+        for s in range(saves + 1):
+            if best[i][s] == inf:
+                continue
+            if best[i][s] < best[i + 1][s]:  # block i stays
+                best[i + 1][s], choice[i + 1][s] = best[i][s], (i, s, None)
+            for (a, b), c in costs.items():
+                if a != i or s + (b - a) > saves:
+                    continue
+                s2 = s + b - a
+                if best[i][s] + c < best[b + 1][s2]:
+                    best[b + 1][s2], choice[b + 1][s2] = best[i][s] + c, (i, s, (a, b))
+    if best[num_blocks][saves] == inf:
+        return []
+    runs, i, s = [], num_blocks, saves
+    while i > 0:
+        pi, ps, run = choice[i][s]
+        if run:
+            runs.append(run)
+        i, s = pi, ps
+    return sorted(runs)
+
+
+def make_plans(states: list[torch.Tensor], groups: list[str], protected: set[int], savings: list[int],
+               max_len: int, allowed: list[tuple[int, int]] | None = None
+               ) -> tuple[dict[int, list[Interval]], dict[tuple[int, int], float]]:
+    """For each number of blocks to remove, the runs to collapse (with their anchors)."""
+    costs = interval_costs(states, groups, protected, max_len, allowed)
+    influence = [float(1 - torch.cosine_similarity(states[i], states[i + 1], dim=-1).mean())
+                 for i in range(len(groups))]
+    plans = {}
+    for saves in savings:
+        runs = plan_removal(costs, len(groups), saves)
+        if not runs:
+            raise RecipeError(
+                f"prune (ppcl): no set of runs removes {saves} of {len(groups)} blocks with at most "
+                f"{max_len} blocks per run; raise max_interval or lower the ratio")
+        plans[saves] = []
+        for a, b in runs:
+            keep = sorted(protected & set(range(a, b + 1)))
+            anchor = keep[0] if keep else max(range(a, b + 1), key=lambda i: influence[i])
+            plans[saves].append(Interval(a, b, anchor))
+    return plans, costs
+
+
+class PluggableSupernet(nn.Module):
+    """A student holding a copy of every teacher block plus one replacement per planned run."""
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, plans: list[list[Interval]]):
+        super().__init__()
+        self.model, self.adapter = model, adapter
+        self.plans = plans
+        self.intervals = sorted({iv for plan in plans for iv in plan}, key=lambda iv: (iv.first, iv.last))
+        blocks = self.blocks()
+        self.replacements = nn.ModuleDict({iv.key: copy.deepcopy(blocks[iv.anchor]) for iv in self.intervals})
+        # Blocks that some ratio keeps; the others only ever serve as anchors' initialisation.
+        self.kept_somewhere = [i for i in range(len(blocks))
+                               if any(all(i not in iv.blocks() for iv in plan) for plan in plans)]
+
+    def blocks(self) -> list[nn.Module]:
+        return [b for _, _, b in self.adapter.blocks(self.model)]
+
+    def _assembled_lists(self, plan: list[Interval]) -> dict[str, list[nn.Module]]:
+        lists: dict[str, list[nn.Module]] = {g.attr: [] for g in self.adapter.block_groups}
+        for i, (g, _, block) in enumerate(self.adapter.blocks(self.model)):
+            run = next((iv for iv in plan if i in iv.blocks()), None)
+            if run is None:
+                lists[g.attr].append(block)
+            elif i == run.anchor:
+                lists[g.attr].append(self.replacements[run.key])
+        return lists
+
+    @contextmanager
+    def assembled(self, plan: list[Interval]):
+        """Temporarily swap the model's block lists for the student of `plan`."""
+        originals = {g.attr: getattr(self.model, g.attr) for g in self.adapter.block_groups}
+        try:
+            for attr, blocks in self._assembled_lists(plan).items():
+                setattr(self.model, attr, nn.ModuleList(blocks))
+            yield self.model
+        finally:
+            for attr, blocks in originals.items():
+                setattr(self.model, attr, blocks)
+
+    def forward(self, x, t, cond, calls: list[tuple[tuple, dict]], plan_index: int):
+        """Prediction of one assembled student, and every block's output on teacher inputs."""
+        with self.assembled(self.plans[plan_index]):
+            pred = self.adapter.denoise(self.model, x, t, cond)
+        blocks = self.blocks()
+        outputs = {f"block{i}": blocks[i](*calls[i][0], **calls[i][1]) for i in self.kept_somewhere}
+        for iv in self.intervals:
+            args, kwargs = calls[iv.first]
+            outputs[iv.key] = self.replacements[iv.key](*args, **kwargs)
+        return pred, outputs
+
+    def targets(self) -> dict[str, int]:
+        """Which teacher block's output each student module must reproduce."""
+        t = {f"block{i}": i for i in self.kept_somewhere}
+        t.update({iv.key: iv.last for iv in self.intervals})
+        return t
+
+    def deploy(self, plan: list[Interval], adapter_for) -> tuple[nn.Module, list[int]]:
+        """A standalone model for `plan`: replacements in place, the rest of each run removed."""
+        from .stage import remove_blocks_
+
+        model = copy.deepcopy(self.model)
+        located = [(g.attr, j) for g, j, _ in self.adapter.blocks(model)]
+        for iv in plan:
+            attr, j = located[iv.anchor]
+            getattr(model, attr)[j] = copy.deepcopy(self.replacements[iv.key])
+        removed = sorted(i for iv in plan for i in iv.blocks() if i != iv.anchor)
+        remove_blocks_(model, adapter_for(model), removed)
+        return model.eval().requires_grad_(False), removed
+
+
+def _streams(output) -> list[torch.Tensor]:
+    outs = output if isinstance(output, (tuple, list)) else (output,)
+    return [o for o in outs if torch.is_tensor(o)]
+
+
+class ContiguousLayerObjective(Objective):
+    """Output distillation of the assembled student of one ratio per step (cycling), plus the
+    teacher-normalised MSE of every block / replacement fed with teacher hidden states."""
+
+    def __init__(self, adapter: FamilyAdapter, supernet: PluggableSupernet, contiguous_weight: float):
+        self.adapter, self.weight = adapter, contiguous_weight
+        self.targets = supernet.targets()
+        self.num_plans = len(supernet.plans)
+
+    def attach(self, teacher, student):
+        blocks = [b for _, _, b in self.adapter.blocks(teacher)]
+        self.calls: list = [None] * len(blocks)
+        self.outs: list = [None] * len(blocks)
+
+        def pre(i):
+            def hook(_m, args, kwargs):
+                self.calls[i] = (args, kwargs)
+            return hook
+
+        def post(i):
+            def hook(_m, _args, output):
+                self.outs[i] = output
+            return hook
+
+        self.handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        self.handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+
+    def loss(self, step, batch, teacher, student):
+        x, t, cond = batch
+        with torch.no_grad():
+            target = self.adapter.denoise(teacher, x, t, cond)
+        pred, outputs = student(x, t, cond, self.calls, step % self.num_plans)
+        out_loss = torch.mean((pred - target) ** 2)
+        terms = []
+        for key, out in outputs.items():
+            for s, t_ in zip(_streams(out), _streams(self.outs[self.targets[key]])):
+                terms.append(torch.mean((s - t_) ** 2) / (t_.var() + 1e-6))
+        return out_loss + self.weight * torch.stack(terms).mean(), out_loss
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def plan_to_json(plan: list[Interval]) -> list[list[int]]:
+    return [iv.to_json() for iv in plan]
+
+
+def plan_from_json(raw: list[list[int]]) -> list[Interval]:
+    return [Interval(*r) for r in raw]
+
+
+def run_map(plan: list[Interval], names: list[str], student_names: list[str]) -> list[tuple[str, str]]:
+    """(student block, teacher block) pairs: each student block ends where its run ends."""
+    ends = []
+    for i in range(len(names)):
+        run = next((iv for iv in plan if i in iv.blocks()), None)
+        if run is None:
+            ends.append(i)
+        elif i == run.anchor:
+            ends.append(run.last)
+    return list(zip(student_names, [names[e] for e in ends]))
+
+
+def influence_from_states(states: list[torch.Tensor]) -> list[float]:
+    return [round(float(1 - torch.cosine_similarity(states[i], states[i + 1], dim=-1).mean()), 6)
+            for i in range(len(states) - 1)]
+
+
+def costs_to_json(costs: dict[tuple[int, int], float]) -> list[dict]:
+    return [{"blocks": [a, b], "cost": round(c, 6)} for (a, b), c in sorted(costs.items())]
+
+
+__all__ = ["Interval", "make_plans", "plan_removal", "PluggableSupernet", "ContiguousLayerObjective",
+           "plan_to_json", "plan_from_json", "run_map"]
