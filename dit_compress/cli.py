@@ -87,46 +87,70 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None) -> None:
     sys.exit(_print_gate(report))
 
 
-def _summary(report: dict, out: Path) -> None:
-    q, c = report["quality"], report["cost"]
+def _figures(r: dict) -> str:
+    q, c = r["quality"], r["cost"]
     parts = [f"params x{c['param_ratio']}", f"MACs x{c['macs_ratio']}", f"PSNR {q['psnr_db']:.2f} dB"]
     if "fd_ratio" in q:
         parts += [f"FD ratio {q['fd_ratio']:.3f}",
                   f"guided acc {q['guided_accuracy_teacher']:.3f} -> {q['guided_accuracy_student']:.3f}"]
     if "onnx_latency_ratio" in c:
         parts.append(f"ONNX latency x{c['onnx_latency_ratio']}")
-    click.echo(f"{out}/report.md: " + ", ".join(parts))
+    return ", ".join(parts)
+
+
+def _summary(report: dict, out: Path) -> None:
+    click.echo(f"{out}/report.md: " + _figures(report))
+    for label, v in (report.get("variants") or {}).items():
+        click.echo(f"  variant {label} ({v['checkpoint']}): " + _figures(v))
 
 
 @main.command()
 @click.argument("model")
-@click.option("--ratio", type=float, help="Fraction of blocks to remove (chosen by Block Influence).")
-@click.option("--remove", help="Comma-separated block indices to remove instead of --ratio.")
+@click.option("--method", type=click.Choice(["ppcl", "depth", "width"]), default="ppcl", show_default=True,
+              help="ppcl: PPCL; depth / width: the naive baselines.")
+@click.option("--ratio", type=float, help="Fraction of blocks to remove (width: fraction of parameters).")
+@click.option("--ratios", help="ppcl: comma-separated further ratios trained in the same run (variants).")
+@click.option("--remove", help="depth: comma-separated block indices to remove instead of --ratio.")
+@click.option("--select", type=click.Choice(["block_influence", "last", "even"]), default="block_influence",
+              show_default=True, help="depth: which blocks --ratio removes.")
+@click.option("--heads", type=float, default=0.0, show_default=True, help="ppcl: fraction of heads to prune.")
+@click.option("--ffn", type=float, default=0.0, show_default=True, help="ppcl: fraction of FFN channels to prune.")
+@click.option("--importance", type=click.Choice(["l2", "taylor"]), help="Width-pruning criterion.")
 @click.option("--steps", type=int, default=600, show_default=True, help="Recovery distillation steps.")
 @click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
+@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
 @click.option("--analyse-only", is_flag=True,
               help="Only analyse block redundancy (similarity, CKA, linear probes, intervals); prune nothing.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
 @_errors
-def prune(model: str, ratio: float | None, remove: str | None, steps: int, subfolder: str | None,
-          analyse_only: bool, out: Path) -> None:
-    """Depth-prune MODEL (zoo:NAME, folder, hub id) and recover it; writes a full run folder."""
+def prune(model: str, method: str, ratio: float | None, ratios: str | None, remove: str | None, select: str,
+          heads: float, ffn: float, importance: str | None, steps: int, subfolder: str | None,
+          latent_size: int | None, analyse_only: bool, out: Path) -> None:
+    """Prune MODEL (zoo:NAME, folder, hub id), recover it, export and report; writes a run folder."""
     from .core.pipeline import analyse, run_recipe
     from .core.recipe import parse_recipe
 
+    spec = {"source": model, "subfolder": subfolder, "latent_size": latent_size}
     if analyse_only:
-        result = analyse({"source": model, "subfolder": subfolder}, out)
+        result = analyse(spec, out)
         intervals = "; ".join(f"blocks {iv['blocks']} (probe R² {iv['probe_r2']:.3f})" for iv in result["intervals"])
         click.echo(f"wrote {out}/analysis.json and analysis.png; redundant intervals: {intervals or 'none'}")
         return
 
-    cfg: dict = {"recover": {"steps": steps, "feature_weight": 1.0}}
+    cfg: dict = {"method": method, "recover": {"steps": steps}}
+    if method != "ppcl":
+        cfg["recover"]["feature_weight"] = 1.0
+    if method == "depth":
+        cfg["select"] = select
     if remove:
         cfg["remove"] = [int(i) for i in remove.split(",")]
     if ratio is not None:
         cfg["ratio"] = ratio
-    r = parse_recipe({"name": out.name, "model": {"source": model, "subfolder": subfolder},
-                      "stages": [{"prune": cfg}]}, "ditc prune")
+    if ratios:
+        cfg["ratios"] = [float(r) for r in ratios.split(",")]
+    if heads or ffn or importance:
+        cfg["width"] = {k: v for k, v in (("heads", heads), ("ffn", ffn), ("importance", importance)) if v}
+    r = parse_recipe({"name": out.name, "model": spec, "stages": [{"prune": cfg}]}, "ditc prune")
     report = run_recipe(r, out)
     _summary(report, out)
 

@@ -44,7 +44,7 @@ def test_prune_save_restore_identical(family, tmp_path):
     teacher = _loaded(family)
     calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
     stage = get_stage("prune")
-    cfg = stage.config_cls(ratio=0.5, recover=None)
+    cfg = stage.config_cls(method="depth", ratio=0.5, recover=None)
     student = copy.deepcopy(teacher.model)
     student, meta = stage.apply(student, cfg, StageContext(teacher, calib, tmp_path / "work"))
     n_before = len(teacher.adapter.blocks(teacher.model))
@@ -81,7 +81,7 @@ def test_label_conditioned_text_family_prunes_restores_and_exports(tmp_path):
     calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
     assert set(calib.cond) == {"class_labels"} and int(calib.null_cond["class_labels"][0]) == 10
     stage = get_stage("prune")
-    cfg = stage.config_cls(ratio=0.5, recover=None)
+    cfg = stage.config_cls(method="depth", ratio=0.5, recover=None)
     student, meta = stage.apply(copy.deepcopy(model), cfg, StageContext(teacher, calib, tmp_path / "w"))
     assert 3 not in meta["removed"], "SD3's last joint block must stay"
     rec = StageRecord("prune", cfg.model_dump(mode="json"), meta)

@@ -110,15 +110,20 @@ def _resume_key(recipe: Recipe, i: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
-    """Run `recipe`, writing everything under `out_dir`; returns the report (with gate result)."""
-    teacher = load_teacher(recipe.model.model_dump())  # fails before anything is written
+def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None = None, calib=None,
+               evaluator: Evaluator | None = None) -> dict:
+    """Run `recipe`, writing everything under `out_dir`; returns the report (with gate result).
+
+    A caller comparing several recipes on one teacher (benchmarks) may pass the loaded teacher,
+    its calibration set and an evaluator, so that all runs share data and teacher samples."""
+    teacher = teacher or load_teacher(recipe.model.model_dump())  # fails before anything is written
     out = Path(out_dir)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    log.info("calibration: %d teacher samples", recipe.calibration.num_samples)
-    calib = build_calibration(teacher, recipe.calibration, work)
+    if calib is None:
+        log.info("calibration: %d teacher samples", recipe.calibration.num_samples)
+        calib = build_calibration(teacher, recipe.calibration, work)
     student, summaries, variants = run_stages(recipe, teacher, calib, work)
 
     base = base_reference(teacher, recipe.model.model_dump())
@@ -130,7 +135,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path) -> dict:
         published[label] = out / "variants" / label
         shutil.rmtree(published[label], ignore_errors=True)
         shutil.copytree(folder, published[label])
-    return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start, published)
+    return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start, published, evaluator)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> dict:

@@ -75,7 +75,7 @@ def export_onnx(model: nn.Module, adapter: FamilyAdapter, path: str | Path, batc
     model = model.eval()
     x, t, cond = adapter.example_inputs(batch)
     names = input_names(cond)
-    graph = DenoiserGraph(model, adapter, list(cond.keys()))
+    graph = DenoiserGraph(model, adapter, list(cond.keys())).eval()
     b = torch.export.Dim("batch", min=1, max=4096)
     dynamic = ({0: b}, {0: b}, tuple({0: b} for _ in cond))
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -14,9 +14,10 @@
      teacher's hidden states at its run's input and matched to the teacher's hidden states at
      its run's output, so errors cannot accumulate along the depth and each replacement can be
      plugged in independently of the others;
-   - output distillation of assembled students: each step assembles the student of one ratio
-     (alternating through the ratios), i.e. teacher-initialised blocks interleaved with the
-     replacements of that ratio's runs, and matches the teacher's prediction.
+   - output distillation of assembled students: each step assembles the student of one ratio,
+     i.e. teacher-initialised blocks interleaved with the replacements of that ratio's runs, and
+     matches the teacher's prediction. Ratios alternate in a fixed interleaved schedule in
+     proportion to the blocks they remove, so deeper cuts get more of the budget.
 4. Deployment. Any trained ratio assembles into a plain model without further training.
 """
 
@@ -197,7 +198,7 @@ class PluggableSupernet(nn.Module):
         return model.eval().requires_grad_(False), removed
 
 
-def _streams(output) -> list[torch.Tensor]:
+def streams(output) -> list[torch.Tensor]:
     outs = output if isinstance(output, (tuple, list)) else (output,)
     return [o for o in outs if torch.is_tensor(o)]
 
@@ -209,7 +210,7 @@ class ContiguousLayerObjective(Objective):
     def __init__(self, adapter: FamilyAdapter, supernet: PluggableSupernet, contiguous_weight: float):
         self.adapter, self.weight = adapter, contiguous_weight
         self.targets = supernet.targets()
-        self.num_plans = len(supernet.plans)
+        self.schedule = plan_schedule([sum(iv.saves for iv in plan) for plan in supernet.plans])
 
     def attach(self, teacher, student):
         blocks = [b for _, _, b in self.adapter.blocks(teacher)]
@@ -233,17 +234,23 @@ class ContiguousLayerObjective(Objective):
         x, t, cond = batch
         with torch.no_grad():
             target = self.adapter.denoise(teacher, x, t, cond)
-        pred, outputs = student(x, t, cond, self.calls, step % self.num_plans)
+        pred, outputs = student(x, t, cond, self.calls, self.schedule[step % len(self.schedule)])
         out_loss = torch.mean((pred - target) ** 2)
         terms = []
         for key, out in outputs.items():
-            for s, t_ in zip(_streams(out), _streams(self.outs[self.targets[key]])):
+            for s, t_ in zip(streams(out), streams(self.outs[self.targets[key]])):
                 terms.append(torch.mean((s - t_) ** 2) / (t_.var() + 1e-6))
         return out_loss + self.weight * torch.stack(terms).mean(), out_loss
 
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+def plan_schedule(weights: list[int]) -> list[int]:
+    """A cycle visiting plan i weights[i] times, evenly interleaved ([2, 4] -> [1, 0, 1, 1, 0, 1])."""
+    slots = [((k + 0.5) / w, -w, i) for i, w in enumerate(weights) for k in range(w)]
+    return [i for _, _, i in sorted(slots)]
 
 
 def plan_to_json(plan: list[Interval]) -> list[list[int]]:

@@ -60,18 +60,36 @@ def width_record(model: nn.Module, adapter: FamilyAdapter, teacher: nn.Module, t
     return {"shapes": shapes, "heads": heads}
 
 
-def _prunable_parameters(adapter: FamilyAdapter, model: nn.Module) -> int:
-    """Parameters that head and FFN-channel pruning shrink in proportion."""
-    n = 0
+def _prunable_parameters(adapter: FamilyAdapter, model: nn.Module) -> tuple[int, int, int]:
+    """(attention, FFN) parameters that head and channel pruning shrink in proportion, and the
+    smallest head count of any attention."""
+    attn_params = ffn_params = 0
+    heads = []
     for _, _, block in adapter.blocks(model):
         for _, attn in attention_modules(block):
-            n += sum(p.numel() for q in QKV if isinstance(getattr(attn, q, None), nn.Linear)
-                     for p in getattr(attn, q).parameters())
+            heads.append(attn.heads)
+            attn_params += sum(p.numel() for q in QKV if isinstance(getattr(attn, q, None), nn.Linear)
+                               for p in getattr(attn, q).parameters())
             outs = [getattr(attn, "to_out", [None])[0], getattr(attn, "to_add_out", None)]
-            n += sum(o.weight.numel() for o in outs if isinstance(o, nn.Linear))
+            attn_params += sum(o.weight.numel() for o in outs if isinstance(o, nn.Linear))
         for up in ffn_inputs(block):
-            n += 2 * up.weight.numel() + up.bias.numel()
-    return n
+            ffn_params += 2 * up.weight.numel() + up.bias.numel()
+    return attn_params, ffn_params, min(heads) if heads else 0
+
+
+def uniform_width_fractions(adapter: FamilyAdapter, model: nn.Module, ratio: float) -> tuple[float, float]:
+    """Head and FFN fractions that remove `ratio` of all parameters: the same share of each
+    where head granularity allows (at least one head stays), FFN channels making up the rest."""
+    attn, ffn, heads = _prunable_parameters(adapter, model)
+    target = ratio * sum(p.numel() for p in model.parameters())
+    share = target / max(1, attn + ffn)
+    head_fraction = min(int(share * heads), heads - 1) / heads if heads else 0.0
+    ffn_fraction = (target - head_fraction * attn) / max(1, ffn)
+    if ffn_fraction >= 0.99:
+        raise RecipeError(
+            f"prune.ratio: removing {ratio:.0%} of the parameters by width alone would take "
+            f"{ffn_fraction:.0%} of every FFN's channels (limit 99%); lower the ratio")
+    return head_fraction, max(0.0, ffn_fraction)
 
 
 class PruneStage(Stage):
@@ -137,20 +155,17 @@ class PruneStage(Stage):
 
     def _width(self, model, adapter, config: PruneConfig, ctx: StageContext):
         total = sum(p.numel() for p in model.parameters())
-        fraction = config.ratio * total / max(1, _prunable_parameters(adapter, model))
-        if fraction >= 0.95:
-            raise RecipeError(
-                f"prune.ratio: removing {config.ratio:.0%} of the parameters by width alone would take "
-                f"{fraction:.0%} of every block's heads and FFN channels (limit 95%); lower the ratio")
+        head_fraction, ffn_fraction = uniform_width_fractions(adapter, model, config.ratio)
         importance = config.width.importance if config.width else "l2"
         teacher = ctx.teacher
-        width_prune_(model, adapter, ctx.calibration, fraction, fraction, importance)
+        width_prune_(model, adapter, ctx.calibration, head_fraction, ffn_fraction, importance)
         names = _block_names(adapter, model)
         after = sum(p.numel() for p in model.parameters())
         return model, {
             "removed": [], "student_blocks": names, "teacher_targets": names,
             "width": width_record(model, adapter, teacher.model, teacher.adapter, list(range(len(names)))),
-            "width_fraction": round(fraction, 4), "importance": importance,
+            "head_fraction": round(head_fraction, 4), "ffn_fraction": round(ffn_fraction, 4),
+            "importance": importance,
             "parameter_ratio": round(after / total, 4),
         }
 

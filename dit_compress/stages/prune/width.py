@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ...data.calibration import CalibrationSet
-from ...errors import UnsupportedModelError
+from ...errors import RecipeError, UnsupportedModelError
 from ...models.families import FamilyAdapter
 
 Importance = Literal["l2", "taylor"]
@@ -133,6 +133,8 @@ def width_prune_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet
                 head_pruning_ratio=heads)
             pruner.step()
         for name, a in attns:
+            if pruner.num_heads[a.to_q] < 1:
+                raise RecipeError(f"width pruning: heads={heads} removes every head of {names[i]}.{name}")
             a.heads = pruner.num_heads[a.to_q]
             head_counts[f"{names[i]}.{name}"] = a.heads
             head_dim = a.to_q.out_features // a.heads

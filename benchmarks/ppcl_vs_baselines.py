@@ -1,0 +1,174 @@
+"""PPCL against naive pruning, side by side in one run on one teacher.
+
+Every method gets the same teacher, the same calibration data (built once), the same number of
+recovery steps and batch size, and the same evaluator (teacher samples generated once, the
+same noise and labels for every student). Methods:
+
+  ppcl         PPCL: one contiguous-layer distillation run yields every ratio
+  depth-last   drop the last removable blocks, recover by output + hidden-state distillation
+  depth-even   drop evenly spaced blocks, same recovery
+  width-l2     Torch-Pruning L2-magnitude pruning of heads and FFN channels, same recovery
+  depth-bi     (optional) the foundation's Block Influence depth pruning, same recovery
+
+Usage:
+  python benchmarks/ppcl_vs_baselines.py --teacher zoo:digits-dit --out exports/bench-ppcl-dit
+Writes results.json, results.md and results.png under --out, plus one run folder per student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from dit_compress.core.pipeline import load_teacher, run_recipe
+from dit_compress.core.recipe import parse_recipe
+from dit_compress.data.calibration import build_calibration
+from dit_compress.evaluate.evaluator import Evaluator
+
+BASELINES = {
+    "depth-last": {"method": "depth", "select": "last"},
+    "depth-even": {"method": "depth", "select": "even"},
+    "width-l2": {"method": "width", "width": {"importance": "l2"}},
+    "depth-bi": {"method": "depth", "select": "block_influence"},
+}
+
+
+def recipe_for(name: str, teacher: str, stage: dict, args) -> dict:
+    return {
+        "name": name,
+        "model": {"source": teacher},
+        "calibration": {"num_samples": args.calibration, "seed": 0},
+        "stages": [{"prune": stage}],
+        "evaluation": {"num_samples": args.samples, "seeds": list(range(args.seeds)), "compare_samples": 100},
+        "export": {"onnx": True},
+    }
+
+
+def row(method: str, target: float, report: dict, recovery: dict) -> dict:
+    q, c = report["quality"], report["cost"]
+    return {
+        "method": method, "target_ratio": target,
+        "param_ratio": c["param_ratio"], "macs_ratio": c["macs_ratio"],
+        "fd_ratio": q.get("fd_ratio"), "fd_student": q.get("fd_student"), "fd_student_std": q.get("fd_student_std"),
+        "psnr_db": q["psnr_db"], "ssim": q["ssim"],
+        "guided_accuracy": q.get("guided_accuracy_student"), "unguided_accuracy": q.get("unguided_accuracy_student"),
+        "onnx_latency_ratio": c.get("onnx_latency_ratio"), "torch_latency_ratio": c["torch_latency_ratio"],
+        "recovery_steps": recovery.get("steps"), "recovery_seconds": recovery.get("seconds"),
+        "parity": (report.get("export") or {}).get("parity", {}).get("max_abs_error"),
+    }
+
+
+def run(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_teacher({"source": args.teacher})
+    base = parse_recipe(recipe_for("base", args.teacher, {"method": "ppcl", "ratio": 0.5}, args), "benchmark")
+    calib = build_calibration(teacher, base.calibration, out / ".work")
+    evaluator = Evaluator(teacher, calib, base.evaluation)
+    recover = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "checkpoint_every": 100}
+    ratios = sorted(args.ratios)
+    rows, t0 = [], time.time()
+
+    if "ppcl" in args.methods:
+        stage = {"method": "ppcl", "ratio": ratios[-1], "ratios": ratios[:-1], "recover": recover}
+        r = run_recipe(parse_recipe(recipe_for("ppcl", args.teacher, stage, args), "benchmark"), out / "ppcl",
+                       teacher, calib, evaluator)
+        training = r["stages"][0]["recovery"]
+        rows.append(row("ppcl", ratios[-1], r, training))
+        for label, v in r["variants"].items():
+            rows.append(row("ppcl", v["stage"]["ratio"], v, {**training, "shared": True}))
+        baseline_quality = r["quality"]
+        rows.append({"method": "teacher", "target_ratio": 0.0, "fd_student": baseline_quality.get("fd_teacher"),
+                     "fd_student_std": baseline_quality.get("fd_teacher_std"),
+                     "guided_accuracy": baseline_quality.get("guided_accuracy_teacher"),
+                     "unguided_accuracy": baseline_quality.get("unguided_accuracy_teacher"),
+                     "param_ratio": 1.0, "macs_ratio": 1.0, "fd_ratio": 1.0, "onnx_latency_ratio": 1.0})
+    for method in [m for m in args.methods if m != "ppcl"]:
+        for ratio in ratios:
+            stage = {**BASELINES[method], "ratio": ratio, "recover": {**recover, "feature_weight": 1.0}}
+            name = f"{method}-{ratio:g}"
+            r = run_recipe(parse_recipe(recipe_for(name, args.teacher, stage, args), "benchmark"), out / name,
+                           teacher, calib, evaluator)
+            rows.append(row(method, ratio, r, r["stages"][0]["recovery"]))
+        (out / "results.partial.json").write_text(json.dumps(rows, indent=2))
+    result = {"teacher": args.teacher, "steps": args.steps, "batch_size": args.batch_size,
+              "calibration_samples": args.calibration, "eval_samples": args.samples, "eval_seeds": args.seeds,
+              "wall_seconds": round(time.time() - t0, 1), "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_table(out / "results.md", result)
+    plot(out / "results.png", result)
+    return result
+
+
+def _f(v, fmt="{:.3f}"):
+    return "n/a" if v is None else fmt.format(v)
+
+
+def write_table(path: Path, result: dict) -> None:
+    lines = [f"# PPCL vs baselines on `{result['teacher']}`", "",
+             f"Same calibration set ({result['calibration_samples']} teacher samples), same recovery "
+             f"({result['steps']} steps, batch {result['batch_size']}), same evaluator "
+             f"({result['eval_samples']} samples x {result['eval_seeds']} seeds). PPCL trains once for all ratios.",
+             "", "| method | target | params | MACs | FD ratio | PSNR dB | guided acc | unguided acc | "
+             "ONNX latency | recovery s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (r["target_ratio"], r["method"] != "ppcl", r["method"])):
+        shared = " (same run)" if r.get("recovery_seconds") and r["method"] == "ppcl" else ""
+        lines.append(
+            f"| {r['method']} | {r['target_ratio']:g} | {_f(r.get('param_ratio'))} | {_f(r.get('macs_ratio'))} | "
+            f"{_f(r.get('fd_ratio'))} | {_f(r.get('psnr_db'), '{:.2f}')} | {_f(r.get('guided_accuracy'))} | "
+            f"{_f(r.get('unguided_accuracy'))} | {_f(r.get('onnx_latency_ratio'))} | "
+            f"{_f(r.get('recovery_seconds'), '{:.0f}')}{shared} |")
+    lines += ["", "![results](results.png)"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    methods = sorted({r["method"] for r in result["rows"] if r["method"] != "teacher"})
+    for m in methods:
+        rs = sorted((r for r in result["rows"] if r["method"] == m), key=lambda r: r["param_ratio"])
+        a.plot([r["param_ratio"] for r in rs], [r["fd_ratio"] for r in rs], "o-", label=m)
+        b.plot([r["param_ratio"] for r in rs], [r["guided_accuracy"] for r in rs], "o-", label=m)
+    a.axhline(1.0, color="k", lw=0.5)
+    a.set_xlabel("parameters / teacher")
+    a.set_ylabel("Fréchet distance / teacher's")
+    a.set_title("quality vs size (lower is better)")
+    b.set_xlabel("parameters / teacher")
+    b.set_ylabel("guided class accuracy")
+    b.set_title("class fidelity")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="zoo:digits-dit")
+    p.add_argument("--out", default="exports/bench-ppcl")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--methods", nargs="+", default=["ppcl", "depth-last", "depth-even", "width-l2"],
+                   choices=["ppcl", *BASELINES])
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--calibration", type=int, default=512)
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--seeds", type=int, default=3)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result = run(args)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"total {result['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
