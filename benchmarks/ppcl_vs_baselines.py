@@ -68,7 +68,8 @@ def run(args) -> dict:
     base = parse_recipe(recipe_for("base", args.teacher, {"method": "ppcl", "ratio": 0.5}, args), "benchmark")
     calib = build_calibration(teacher, base.calibration, out / ".work")
     evaluator = Evaluator(teacher, calib, base.evaluation)
-    recover = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "checkpoint_every": 100}
+    recover = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "feature_weight": 1.0,
+               "checkpoint_every": 100}
     ratios = sorted(args.ratios)
     rows, t0 = [], time.time()
 
@@ -88,7 +89,7 @@ def run(args) -> dict:
                      "param_ratio": 1.0, "macs_ratio": 1.0, "fd_ratio": 1.0, "onnx_latency_ratio": 1.0})
     for method in [m for m in args.methods if m != "ppcl"]:
         for ratio in ratios:
-            stage = {**BASELINES[method], "ratio": ratio, "recover": {**recover, "feature_weight": 1.0}}
+            stage = {**BASELINES[method], "ratio": ratio, "recover": recover}
             name = f"{method}-{ratio:g}"
             r = run_recipe(parse_recipe(recipe_for(name, args.teacher, stage, args), "benchmark"), out / name,
                            teacher, calib, evaluator)

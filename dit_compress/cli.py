@@ -137,9 +137,7 @@ def prune(model: str, method: str, ratio: float | None, ratios: str | None, remo
         click.echo(f"wrote {out}/analysis.json and analysis.png; redundant intervals: {intervals or 'none'}")
         return
 
-    cfg: dict = {"method": method, "recover": {"steps": steps}}
-    if method != "ppcl":
-        cfg["recover"]["feature_weight"] = 1.0
+    cfg: dict = {"method": method, "recover": {"steps": steps, "feature_weight": 1.0}}
     if method == "depth":
         cfg["select"] = select
     if remove:

@@ -80,3 +80,16 @@ def test_nan_guard_keeps_last_good_checkpoint(setup, tmp_path, monkeypatch):
         Distiller(teacher.model, s, teacher.adapter, calib, cfg, tmp_path).run()
     import json
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 6
+
+
+def test_checkpoint_of_another_structure_is_not_resumed(setup, tmp_path):
+    """Same config, same folder, different student (e.g. a PPCL plan changed): start over."""
+    teacher, calib = setup
+    cfg = DistillConfig(steps=3, batch_size=8, checkpoint_every=1)
+    Distiller(teacher.model, _student(teacher), teacher.adapter, calib, cfg, tmp_path).run()
+    other = copy.deepcopy(teacher.model)
+    remove_blocks_(other, teacher.adapter, [1])
+    res = Distiller(teacher.model, other.requires_grad_(True), teacher.adapter, calib, cfg, tmp_path).run()
+    assert res["resumed_from"] == 0
+    again = Distiller(teacher.model, other, teacher.adapter, calib, cfg, tmp_path).run()
+    assert again["resumed_from"] == 3

@@ -67,13 +67,13 @@ def test_block_losses_take_teacher_inputs_so_errors_do_not_propagate(calibrated)
     with torch.no_grad():
         for p in net.blocks()[0].parameters():  # damage block 0 only
             p.add_(0.5 * torch.randn_like(p))
-    objective = ContiguousLayerObjective(teacher.adapter, net, contiguous_weight=1.0)
+    objective = ContiguousLayerObjective(teacher.adapter, net, contiguous_weight=1.0, feature_weight=1.0)
     objective.attach(teacher.model, net)
     try:
         b = calib.batch(0, 4)
         with torch.no_grad():
             teacher.adapter.denoise(teacher.model, b.x_t, b.t, b.cond)
-            _, outputs = net(b.x_t, b.t, b.cond, objective.calls, 0)
+            _, _, outputs = net(b.x_t, b.t, b.cond, objective.calls, 0)
         err = {k: max(float((s - t).abs().max())
                       for s, t in zip(streams(v), streams(objective.outs[objective.targets[k]])))
                for k, v in outputs.items()}
@@ -156,5 +156,11 @@ def test_ppcl_stage_trains_all_ratios_restores_and_exports(family, width, calibr
             b = restored.adapter.denoise(restored.model, x, t, cond)
         assert torch.isfinite(a).all()
         assert torch.equal(a, b), f"{family}/{name}: restored output differs by {(a - b).abs().max()}"
+        if not width:  # depth-only PPCL stays a stock class: plain diffusers loads it
+            plain = type(model).from_pretrained(tmp_path / name / "diffusers").eval()
+            with torch.no_grad():
+                assert torch.equal(a, teacher.adapter.denoise(plain, x, t, cond))
+        else:
+            assert not (tmp_path / name / "diffusers").exists()
         info = export_onnx(restored.model, restored.adapter, tmp_path / f"{name}.onnx", batch=2, atol=1e-4)
         assert info["parity"]["max_abs_error"] <= 1e-4

@@ -72,6 +72,10 @@ class Objective:
     def attach(self, teacher: nn.Module, student: nn.Module) -> None:
         pass
 
+    def describe(self) -> str:
+        """Everything that makes this objective's runs differ (part of the resume fingerprint)."""
+        return type(self).__name__
+
     def loss(self, step: int, batch, teacher: nn.Module, student: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -85,6 +89,9 @@ class OutputFeatureObjective(Objective):
     def __init__(self, adapter: FamilyAdapter, layer_map: list[tuple[str, str]], feature_weight: float):
         self.adapter, self.feature_weight = adapter, feature_weight
         self.layer_map = layer_map if feature_weight > 0 else []
+
+    def describe(self):
+        return f"output+feature {self.feature_weight} {self.layer_map}"
 
     def attach(self, teacher, student):
         self.s_cap = _Capture(student, [s for s, _ in self.layer_map])
@@ -128,7 +135,7 @@ class Distiller:
         self.objective = objective or OutputFeatureObjective(adapter, layer_map or [], config.feature_weight)
         self.desc = desc
         self.ckpt = self.work_dir / "checkpoint"
-        self.fingerprint = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+        self.fingerprint = ""  # set in run(): config + what is trained + the objective
 
     # -- checkpoints: safetensors + JSON, nothing pickled ------------------------------
     def _save(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, history: list) -> None:
@@ -178,6 +185,10 @@ class Distiller:
         acc = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(c.seed)
         n_trainable = select_trainable_(self.student, c.trainable)
+        # A checkpoint resumes only the same run: same config, same trainable tensors, same objective.
+        shapes = [(n, tuple(p.shape)) for n, p in self.student.named_parameters() if p.requires_grad]
+        self.fingerprint = hashlib.sha256(
+            (c.model_dump_json() + repr(shapes) + self.objective.describe()).encode()).hexdigest()[:12]
         params = [p for p in self.student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         # Eval mode: DiT label embeddings would drop labels in train mode; no stage uses dropout.

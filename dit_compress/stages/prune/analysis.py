@@ -130,10 +130,14 @@ def find_intervals(similarity: list[float], removable: list[bool], flat: float |
 
 def analyse_redundancy(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
                        batches: int = 4, batch_size: int = 64) -> RedundancyAnalysis:
+    return analyse_states(boundary_states(model, adapter, calib, batches, batch_size), model, adapter)
+
+
+def analyse_states(h: list[torch.Tensor], model: nn.Module, adapter: FamilyAdapter) -> RedundancyAnalysis:
+    """The analysis of boundary states `h` (from `boundary_states`) of `model`'s blocks."""
     names = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
     protected = {f"{g}.{i}" for g, i in adapter.protected_blocks(model)}
     removable = [n not in protected for n in names]
-    h = boundary_states(model, adapter, calib, batches, batch_size)
     L = len(names)
     cosine = [float(torch.cosine_similarity(h[i], h[i + 1], dim=-1).mean()) for i in range(L)]
     cka = [linear_cka(h[i], h[i + 1]) for i in range(L)]
@@ -150,14 +154,15 @@ def analyse_redundancy(model: nn.Module, adapter: FamilyAdapter, calib: Calibrat
                               [rnd(row) for row in matrix], intervals)
 
 
-def plot_analysis(analysis: RedundancyAnalysis, path: Path) -> None:
-    """Similarity curves with the chosen intervals shaded, their differential, and the CKA matrix."""
+def plot_analysis(analysis: RedundancyAnalysis | dict, path: Path, chosen: list[list[int]] | None = None) -> None:
+    """Similarity curves with the redundant intervals shaded (and the runs a pruning plan chose
+    outlined), their first-order differential, and the CKA matrix."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a = analysis
+    a = RedundancyAnalysis(**analysis) if isinstance(analysis, dict) else analysis
     x = np.arange(len(a.block_names))
     fig, (c1, c2, c3) = plt.subplots(1, 3, figsize=(13, 3.6))
     c1.plot(x, a.cka, "o-", label="CKA(in, out)")
@@ -165,10 +170,13 @@ def plot_analysis(analysis: RedundancyAnalysis, path: Path) -> None:
     c1.plot(x, a.probe_r2, "^:", label="linear probe R²")
     for iv in a.intervals:
         c1.axvspan(iv["blocks"][0] - 0.4, iv["blocks"][-1] + 0.4, color="tab:red", alpha=0.15)
+    for k, (first, last) in enumerate(chosen or []):
+        c1.axvspan(first - 0.45, last + 0.45, fill=False, edgecolor="tab:blue", lw=1.5, ls="--",
+                   label="collapsed by the plan" if k == 0 else None)
     for i, ok in enumerate(a.removable):
         if not ok:
             c1.annotate("kept", (i, min(a.cka)), ha="center", fontsize=7)
-    c1.set_title("block similarity (shaded: redundant intervals)")
+    c1.set_title("block similarity (shaded: redundant intervals)", fontsize=9)
     c1.set_xlabel("block")
     c1.legend(fontsize=7)
     c2.bar(x[:-1] + 0.5, a.trend)

@@ -42,7 +42,7 @@ class PruneConfig(StageConfig):
     intervals: list[list[int]] | None = Field(
         None, description="ppcl: candidate runs [first, last] overriding the probe's search")
     max_interval: int = Field(4, ge=2, description="ppcl: longest run that collapses into one block")
-    contiguous_weight: float = Field(1.0, ge=0.0, description="ppcl: weight of the block-wise losses")
+    contiguous_weight: float = Field(0.1, ge=0.0, description="ppcl: weight of the block losses on teacher inputs")
     width: WidthConfig | None = None
     recover: DistillConfig | None = Field(default_factory=lambda: DistillConfig(feature_weight=1.0))
 

@@ -145,38 +145,48 @@ class PluggableSupernet(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return [b for _, _, b in self.adapter.blocks(self.model)]
 
-    def _assembled_lists(self, plan: list[Interval]) -> dict[str, list[nn.Module]]:
-        lists: dict[str, list[nn.Module]] = {g.attr: [] for g in self.adapter.block_groups}
+    def _assembly(self, plan: list[Interval]) -> list[tuple[str, nn.Module, int]]:
+        """(block list, module, teacher block where its run ends) of the student of `plan`."""
+        out = []
         for i, (g, _, block) in enumerate(self.adapter.blocks(self.model)):
             run = next((iv for iv in plan if i in iv.blocks()), None)
             if run is None:
-                lists[g.attr].append(block)
+                out.append((g.attr, block, i))
             elif i == run.anchor:
-                lists[g.attr].append(self.replacements[run.key])
-        return lists
+                out.append((g.attr, self.replacements[run.key], run.last))
+        return out
 
     @contextmanager
     def assembled(self, plan: list[Interval]):
         """Temporarily swap the model's block lists for the student of `plan`."""
         originals = {g.attr: getattr(self.model, g.attr) for g in self.adapter.block_groups}
         try:
-            for attr, blocks in self._assembled_lists(plan).items():
-                setattr(self.model, attr, nn.ModuleList(blocks))
+            for attr in originals:
+                setattr(self.model, attr, nn.ModuleList([m for a, m, _ in self._assembly(plan) if a == attr]))
             yield self.model
         finally:
             for attr, blocks in originals.items():
                 setattr(self.model, attr, blocks)
 
     def forward(self, x, t, cond, calls: list[tuple[tuple, dict]], plan_index: int):
-        """Prediction of one assembled student, and every block's output on teacher inputs."""
-        with self.assembled(self.plans[plan_index]):
-            pred = self.adapter.denoise(self.model, x, t, cond)
+        """The assembled student of one plan: its prediction and each block's output with the
+        teacher block where that block's run ends; then every block's output on teacher inputs."""
+        plan = self.plans[plan_index]
+        chain: list[tuple[object, int]] = []
+        hooks = [m.register_forward_hook(lambda _m, _a, out, end=end: chain.append((out, end)))
+                 for _, m, end in self._assembly(plan)]
+        try:
+            with self.assembled(plan):
+                pred = self.adapter.denoise(self.model, x, t, cond)
+        finally:
+            for h in hooks:
+                h.remove()
         blocks = self.blocks()
         outputs = {f"block{i}": blocks[i](*calls[i][0], **calls[i][1]) for i in self.kept_somewhere}
         for iv in self.intervals:
             args, kwargs = calls[iv.first]
             outputs[iv.key] = self.replacements[iv.key](*args, **kwargs)
-        return pred, outputs
+        return pred, chain, outputs
 
     def targets(self) -> dict[str, int]:
         """Which teacher block's output each student module must reproduce."""
@@ -204,13 +214,19 @@ def streams(output) -> list[torch.Tensor]:
 
 
 class ContiguousLayerObjective(Objective):
-    """Output distillation of the assembled student of one ratio per step (cycling), plus the
-    teacher-normalised MSE of every block / replacement fed with teacher hidden states."""
+    """For the assembled student of the step's ratio: output MSE + feature_weight x the
+    teacher-normalised MSE of each block's output against the teacher's where its run ends;
+    plus contiguous_weight x the same for every block / replacement fed teacher hidden states."""
 
-    def __init__(self, adapter: FamilyAdapter, supernet: PluggableSupernet, contiguous_weight: float):
-        self.adapter, self.weight = adapter, contiguous_weight
+    def __init__(self, adapter: FamilyAdapter, supernet: PluggableSupernet, contiguous_weight: float,
+                 feature_weight: float):
+        self.adapter, self.weight, self.feature_weight = adapter, contiguous_weight, feature_weight
         self.targets = supernet.targets()
         self.schedule = plan_schedule([sum(iv.saves for iv in plan) for plan in supernet.plans])
+        self.plans = [plan_to_json(plan) for plan in supernet.plans]
+
+    def describe(self):
+        return f"ppcl {self.weight} {self.feature_weight} {self.plans}"
 
     def attach(self, teacher, student):
         blocks = [b for _, _, b in self.adapter.blocks(teacher)]
@@ -234,13 +250,17 @@ class ContiguousLayerObjective(Objective):
         x, t, cond = batch
         with torch.no_grad():
             target = self.adapter.denoise(teacher, x, t, cond)
-        pred, outputs = student(x, t, cond, self.calls, self.schedule[step % len(self.schedule)])
+        pred, chain, outputs = student(x, t, cond, self.calls, self.schedule[step % len(self.schedule)])
         out_loss = torch.mean((pred - target) ** 2)
-        terms = []
-        for key, out in outputs.items():
-            for s, t_ in zip(streams(out), streams(self.outs[self.targets[key]])):
-                terms.append(torch.mean((s - t_) ** 2) / (t_.var() + 1e-6))
-        return out_loss + self.weight * torch.stack(terms).mean(), out_loss
+        chained = [self._nmse(out, end) for out, end in chain]
+        forced = [self._nmse(out, self.targets[key]) for key, out in outputs.items()]
+        loss = out_loss + self.feature_weight * torch.stack(chained).mean() + self.weight * torch.stack(forced).mean()
+        return loss, out_loss
+
+    def _nmse(self, output, teacher_block: int) -> torch.Tensor:
+        """Teacher-normalised MSE over every stream (image, and text where the block has one)."""
+        return torch.stack([torch.mean((s - t) ** 2) / (t.var() + 1e-6)
+                            for s, t in zip(streams(output), streams(self.outs[teacher_block]))]).mean()
 
     def close(self):
         for h in self.handles:

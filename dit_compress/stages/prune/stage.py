@@ -10,7 +10,7 @@ from ...core.stage import Stage, StageContext
 from ...errors import RecipeError
 from ...models.families import FamilyAdapter
 from ...train.distill import Distiller
-from .analysis import block_influence, boundary_states
+from .analysis import analyse_states, block_influence, boundary_states
 from .config import PruneConfig
 from .width import QKV, attention_modules, ffn_inputs, replay_width_, width_prune_
 
@@ -194,6 +194,7 @@ class PruneStage(Stage):
         log.info("ppcl: probing %d blocks for redundant runs", len(names))
         states = boundary_states(model, adapter, ctx.calibration)
         plans, costs = make_plans(states, groups, protected, sorted(savings.values()), config.max_interval, allowed)
+        analysis = analyse_states(states, model, adapter).to_json()
         del states
 
         width = config.width
@@ -204,7 +205,8 @@ class PruneStage(Stage):
         order = sorted(savings.values())
         supernet = PluggableSupernet(model, adapter, [plans[s] for s in order])
         supernet.requires_grad_(True)
-        objective = ContiguousLayerObjective(adapter, supernet, config.contiguous_weight)
+        objective = ContiguousLayerObjective(adapter, supernet, config.contiguous_weight,
+                                             config.recover.feature_weight)
         training = Distiller(ctx.teacher.model, supernet, ctx.teacher.adapter, ctx.calibration, config.recover,
                              ctx.work_dir, desc="ppcl distill", objective=objective).run()
         supernet.eval().requires_grad_(False)
@@ -229,7 +231,7 @@ class PruneStage(Stage):
                 **shared,
             }
             if r == config.ratio:
-                result = (deployed, {**metadata, "training": training})
+                result = (deployed, {**metadata, "analysis": analysis, "training": training})
             elif ctx.save_variant is not None:
                 ctx.save_variant(f"ratio-{r:g}", deployed, metadata)
         return result
