@@ -103,9 +103,31 @@ def test_distill_continues_from_checkpoint(run_dir):
 
 def test_ditc_prune_one_off(run_dir, tmp_path):
     tmp, _, _ = run_dir
-    res = CliRunner().invoke(main, ["prune", str(tmp / "teacher"), "--remove", "2,3", "--steps", "3",
-                                    "-o", str(tmp_path / "p")])
+    res = CliRunner().invoke(main, ["prune", str(tmp / "teacher"), "--method", "depth", "--remove", "2,3",
+                                    "--steps", "3", "-o", str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "p" / "checkpoint" / "manifest.json").read_text())
     assert manifest["stages"][0]["metadata"]["removed"] == [2, 3]
     assert (tmp_path / "p" / "onnx" / "student.onnx").is_file()
+
+
+def test_ditc_prune_ppcl_writes_every_ratio_of_one_run(run_dir, tmp_path):
+    tmp, _, _ = run_dir
+    out = tmp_path / "ppcl"
+    res = CliRunner().invoke(main, ["prune", str(tmp / "teacher"), "--ratio", "0.5", "--ratios", "0.25",
+                                    "--steps", "3", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "variant ratio-0.25" in res.output
+    report = json.loads((out / "report.json").read_text())
+    stage = report["stages"][0]
+    assert stage["recovery"]["steps"] == 3, "PPCL trains inside the stage, once"
+    assert len(stage["metadata"]["removed"]) == 2 and stage["metadata"]["interval_costs"]
+    variant = report["variants"]["ratio-0.25"]
+    assert len(variant["stage"]["removed"]) == 1
+    assert variant["export"]["parity"]["max_abs_error"] <= 1e-4
+    assert variant["cost"]["param_ratio"] > report["cost"]["param_ratio"]
+    for f in ("variants/ratio-0.25/manifest.json", "onnx/ratio-0.25.onnx", stage["analysis_png"]):
+        assert (out / f).is_file(), f"missing {f}"
+    assert "## Variants of the same run" in (out / "report.md").read_text()
+    restored = load_compressed(out / "variants" / "ratio-0.25")
+    assert len(restored.model.transformer_blocks) == 3

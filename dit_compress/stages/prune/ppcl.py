@@ -14,10 +14,11 @@
      teacher's hidden states at its run's input and matched to the teacher's hidden states at
      its run's output, so errors cannot accumulate along the depth and each replacement can be
      plugged in independently of the others;
-   - output distillation of assembled students: each step assembles the student of one ratio,
-     i.e. teacher-initialised blocks interleaved with the replacements of that ratio's runs, and
-     matches the teacher's prediction. Ratios alternate in a fixed interleaved schedule in
-     proportion to the blocks they remove, so deeper cuts get more of the budget.
+   - distillation of assembled students: each step assembles the student of one ratio, i.e.
+     teacher-initialised blocks interleaved with the replacements of that ratio's runs, and
+     matches the teacher's prediction and, at every block, the teacher's hidden state where
+     that block's run ends. Ratios alternate in a fixed interleaved schedule in proportion to
+     the blocks they remove, so deeper cuts get more of the budget.
 4. Deployment. Any trained ratio assembles into a plain model without further training.
 """
 
@@ -32,7 +33,7 @@ import torch.nn as nn
 
 from ...errors import RecipeError
 from ...models.families import FamilyAdapter
-from ...train.distill import Objective, image_hidden
+from ...train.distill import Objective
 from .analysis import probe_r2
 
 
