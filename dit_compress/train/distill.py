@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -66,7 +67,7 @@ class _Capture:
             h.remove()
 
 
-class Objective:
+class Objective(ABC):
     """What a distillation step minimises. `loss` returns (total loss, output MSE for logging)."""
 
     def attach(self, teacher: nn.Module, student: nn.Module) -> None:
@@ -76,8 +77,9 @@ class Objective:
         """Everything that makes this objective's runs differ (part of the resume fingerprint)."""
         return type(self).__name__
 
+    @abstractmethod
     def loss(self, step: int, batch, teacher: nn.Module, student: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(loss to minimise, output MSE against the teacher) for one batch."""
 
     def close(self) -> None:
         pass
