@@ -60,10 +60,6 @@ class Interval:
         return [self.first, self.last, self.anchor]
 
 
-def _groups_of(adapter: FamilyAdapter, model: nn.Module) -> list[str]:
-    return [g.attr for g, _, _ in adapter.blocks(model)]
-
-
 def interval_costs(states: list[torch.Tensor], groups: list[str], protected: set[int], max_len: int,
                    allowed: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], float]:
     """1 - held-out R² of a linear probe across each candidate run [a..b]."""
@@ -278,10 +274,6 @@ def plan_to_json(plan: list[Interval]) -> list[list[int]]:
     return [iv.to_json() for iv in plan]
 
 
-def plan_from_json(raw: list[list[int]]) -> list[Interval]:
-    return [Interval(*r) for r in raw]
-
-
 def run_map(plan: list[Interval], names: list[str], student_names: list[str]) -> list[tuple[str, str]]:
     """(student block, teacher block) pairs: each student block ends where its run ends."""
     ends = []
@@ -294,14 +286,6 @@ def run_map(plan: list[Interval], names: list[str], student_names: list[str]) ->
     return list(zip(student_names, [names[e] for e in ends]))
 
 
-def influence_from_states(states: list[torch.Tensor]) -> list[float]:
-    return [round(float(1 - torch.cosine_similarity(states[i], states[i + 1], dim=-1).mean()), 6)
-            for i in range(len(states) - 1)]
-
-
 def costs_to_json(costs: dict[tuple[int, int], float]) -> list[dict]:
     return [{"blocks": [a, b], "cost": round(c, 6)} for (a, b), c in sorted(costs.items())]
 
-
-__all__ = ["Interval", "make_plans", "plan_removal", "PluggableSupernet", "ContiguousLayerObjective",
-           "plan_to_json", "plan_from_json", "run_map"]

@@ -157,13 +157,12 @@ class PruneStage(Stage):
         total = sum(p.numel() for p in model.parameters())
         head_fraction, ffn_fraction = uniform_width_fractions(adapter, model, config.ratio)
         importance = config.width.importance if config.width else "l2"
-        teacher = ctx.teacher
         width_prune_(model, adapter, ctx.calibration, head_fraction, ffn_fraction, importance)
         names = _block_names(adapter, model)
         after = sum(p.numel() for p in model.parameters())
         return model, {
             "removed": [], "student_blocks": names, "teacher_targets": names,
-            "width": width_record(model, adapter, teacher.model, teacher.adapter, list(range(len(names)))),
+            "width": width_record(model, adapter, ctx.teacher.model, ctx.teacher.adapter, list(range(len(names)))),
             "head_fraction": round(head_fraction, 4), "ffn_fraction": round(ffn_fraction, 4),
             "importance": importance,
             "parameter_ratio": round(after / total, 4),
@@ -179,6 +178,7 @@ class PruneStage(Stage):
         protected = _protected(adapter, model)
         ratios = config.all_ratios()
         savings = {r: round(r * len(names)) for r in ratios}
+        order = sorted(savings.values())
         zero = [r for r, s in savings.items() if s == 0]
         if zero:
             raise RecipeError(f"prune.ratio: {zero[0]} of {len(names)} blocks removes no block")
@@ -193,7 +193,7 @@ class PruneStage(Stage):
             allowed = [tuple(iv) for iv in config.intervals]
         log.info("ppcl: probing %d blocks for redundant runs", len(names))
         states = boundary_states(model, adapter, ctx.calibration)
-        plans, costs = make_plans(states, groups, protected, sorted(savings.values()), config.max_interval, allowed)
+        plans, costs = make_plans(states, groups, protected, order, config.max_interval, allowed)
         analysis = analyse_states(states, model, adapter).to_json()
         del states
 
@@ -202,7 +202,6 @@ class PruneStage(Stage):
             log.info("ppcl: width pruning (heads %.0f%%, FFN %.0f%%, %s)", 100 * width.heads, 100 * width.ffn,
                      width.importance)
             width_prune_(model, adapter, ctx.calibration, width.heads, width.ffn, width.importance)
-        order = sorted(savings.values())
         supernet = PluggableSupernet(model, adapter, [plans[s] for s in order])
         supernet.requires_grad_(True)
         objective = ContiguousLayerObjective(adapter, supernet, config.contiguous_weight,

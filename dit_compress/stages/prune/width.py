@@ -40,9 +40,8 @@ def attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def ffn_inputs(block: nn.Module) -> list[nn.Linear]:
-    """The first projection of each FFN: diffusers' FeedForward (net.0.proj) or Flux's proj_mlp."""
-    return [m for n, m in block.named_modules()
-            if isinstance(m, nn.Linear) and (n.endswith("net.0.proj") or n == "proj_mlp")]
+    """The first projection of each FFN (diffusers' FeedForward: net.0.proj)."""
+    return [m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.endswith("net.0.proj")]
 
 
 def capture_block_calls(model: nn.Module, adapter: FamilyAdapter, x, t, cond) -> list[tuple[tuple, dict]]:
@@ -89,8 +88,8 @@ def taylor_gradients_(model: nn.Module, adapter: FamilyAdapter, calib: Calibrati
 
 
 def width_prune_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, heads: float, ffn: float,
-                 importance: Importance = "l2", blocks: list[int] | None = None) -> dict:
-    """Remove a fraction of heads and FFN channels in the chosen blocks (default: all).
+                 importance: Importance = "l2") -> dict:
+    """Remove a fraction of heads and FFN channels in every block.
 
     Returns {"shapes": {param: shape}, "heads": {attention module: heads}} for `replay_width_`."""
     import torch_pruning as tp
@@ -101,7 +100,6 @@ def width_prune_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet
             + _UNSUPPORTED.get(adapter.family, "") + "; use depth pruning instead")
     all_blocks = [b for _, _, b in adapter.blocks(model)]
     names = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
-    chosen = range(len(all_blocks)) if blocks is None else blocks
     before = {n: tuple(p.shape) for n, p in model.named_parameters()}
     x, t, cond = adapter.example_inputs(2)
     calls = capture_block_calls(model, adapter, x, t, cond)
@@ -113,8 +111,7 @@ def width_prune_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet
     else:
         imp = tp.importance.GroupMagnitudeImportance(p=2)
     head_counts: dict[str, int] = {}
-    for i in chosen:
-        block = all_blocks[i]
+    for i, block in enumerate(all_blocks):
         attns = attention_modules(block)
         roots = {getattr(a, p) for _, a in attns for p in QKV if isinstance(getattr(a, p, None), nn.Linear)}
         num_heads = {getattr(a, p): a.heads for _, a in attns for p in QKV
