@@ -31,6 +31,7 @@ def _setup_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("[ditc] %(message)s"))
     log = logging.getLogger("dit_compress")
     log.addHandler(handler)
+    log.propagate = False  # libraries that configure the root logger would print every line twice
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -168,23 +169,103 @@ def distill(checkpoint: Path, steps: int, lr: float, feature_weight: float, out:
     click.echo(f"wrote {out}")
 
 
+PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .onnx path.")
 @click.option("--batch", type=int, default=2, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity limit (max abs error).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
+              help="Also write this deployment variant beside the fp32 graph (repeatable).")
+@click.option("--steps", type=int, help="Default sampling steps written to the card.")
+@click.option("--guidance", type=float, help="Default guidance scale written to the card.")
 @click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
 @_errors
-def export(model: str, out: Path, batch: int, atol: float, latent_size: int | None) -> None:
-    """Export MODEL (a compressed checkpoint or any loadable model) to ONNX with a parity check."""
-    from .core.manifest import MANIFEST, load_compressed
-    from .export.onnx import export_onnx
-    from .models.load import load_transformer
+def export(model: str, out: Path, batch: int, atol: float, precisions: tuple[str, ...], steps: int | None,
+           guidance: float | None, latent_size: int | None) -> None:
+    """Export MODEL (a compressed checkpoint or any loadable model) to ONNX with a parity check.
 
-    loaded = load_compressed(model) if (Path(model) / MANIFEST).is_file() else load_transformer(
-        model, latent_size=latent_size)
-    info = export_onnx(loaded.model, loaded.adapter, out, batch=batch, atol=atol)
+    Writes OUT and its card OUT.json (what `ditc sample` needs), and each --precision variant."""
+    from .core.manifest import load_any
+    from .data.calibration import CalibrationSpec, build_calibration, resolved_sampling
+    from .errors import DeploymentUnsupported
+    from .export.artifact import deployment_card
+    from .export.deploy import derive
+    from .export.onnx import export_onnx
+
+    loaded = load_any(model, latent_size)
+    card = deployment_card(loaded, *resolved_sampling(loaded, steps, guidance))
+    info = export_onnx(loaded.model, loaded.adapter, out, batch=batch, atol=atol, card=card)
     click.echo(f"wrote {out}: parity max abs error {info['parity']['max_abs_error']:.3g} (limit {atol:g})")
+    calib = None
+    if "int8-static" in precisions:  # activation ranges from the model's own samples
+        calib = build_calibration(loaded, CalibrationSpec(num_samples=128), out.parent / ".calibration")
+    for kind in precisions:
+        try:
+            d = derive(out, kind, calib)
+        except DeploymentUnsupported as e:
+            click.echo(f"{kind} skipped: {e}", err=True)
+            continue
+        click.echo(f"wrote {d['path']}: max relative error vs fp32 {d['parity']['max_rel_error']:.3g}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output image grid (.png); the raw samples go beside it as .npy.")
+@click.option("--labels", help="Comma-separated class labels (class-conditional artifacts).")
+@click.option("-n", "--num", type=int, default=20, show_default=True, help="Samples when --labels is not given.")
+@click.option("--conditions", type=click.Path(path_type=Path), help=".npz of condition arrays (text families).")
+@click.option("--steps", type=int, help="Sampling steps (default: the card's).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale (default: the card's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads.")
+@click.option("--reference", help="A PyTorch model or checkpoint to sample with the same noise; prints PSNR.")
+@_errors
+def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: Path | None, steps: int | None,
+           guidance: float | None, seed: int, threads: int | None, reference: str | None) -> None:
+    """Generate samples from an exported ARTIFACT (.onnx + card) through ONNX Runtime alone."""
+    from .export.sample import sample_artifact
+
+    result = sample_artifact(artifact, out, labels, num, conditions, steps, guidance, seed, threads, reference)
+    click.echo(f"wrote {out} ({result['num']} samples, {result['steps']} steps, guidance {result['guidance']:g}, "
+               f"{result['seconds']:.1f} s)")
+    if "psnr_db_vs_reference" in result:
+        click.echo(f"PSNR vs the PyTorch path (same noise): {result['psnr_db_vs_reference']:.2f} dB")
+
+
+@main.command()
+@click.argument("dense")
+@click.argument("compressed", required=False)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Folder for graphs and tables.")
+@click.option("--batch", "batches", default="1,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", "threads", default="1,2", show_default=True, help="Comma-separated CPU thread counts.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
+              default=("fp16", "int8-dynamic"), show_default=True, help="ONNX variants to time besides fp32.")
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
+@_errors
+def bench(dense: str, compressed: str | None, out: Path, batches: str, threads: str, precisions: tuple[str, ...],
+          repeats: int, latent_size: int | None) -> None:
+    """Latency table: DENSE vs COMPRESSED, PyTorch vs ONNX Runtime precisions, batches, threads."""
+    from .evaluate.bench import run_bench
+
+    models = {"dense": dense, **({"compressed": compressed} if compressed else {})}
+    run_bench(models, out, _ints(batches, "--batch"), _ints(threads, "--threads"), list(precisions),
+                       repeats, latent_size)
+    click.echo((out / "bench.md").read_text())
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected positive integers, got {text!r}", param_hint=option)
+    return values
 
 
 @main.command("eval")

@@ -27,3 +27,7 @@ class ExportParityError(DitcError):
 
 class GateFailed(DitcError):
     """The quality gate was violated."""
+
+
+class DeploymentUnsupported(DitcError):
+    """A deployment target (precision, engine) has no implementation on this machine."""

@@ -118,3 +118,12 @@ def load_compressed(folder: str | Path) -> LoadedModel:
     model.eval().requires_grad_(False)
     return LoadedModel(model, adapter, base["scheduler_config"], f"compressed:{folder}", base.get("card") or {},
                        base.get("latent_size"), conditioner)
+
+
+def load_any(source: str | Path, latent_size: int | None = None) -> LoadedModel:
+    """A compressed checkpoint folder (it has a manifest), or anything `load_transformer` takes."""
+    from ..models.load import load_transformer
+
+    if (Path(source) / MANIFEST).is_file():
+        return load_compressed(source)
+    return load_transformer(str(source), latent_size=latent_size)

@@ -22,6 +22,8 @@ from ..data.calibration import CalibrationSpec, build_calibration
 from ..evaluate.evaluator import Evaluator
 from ..evaluate.gate import check_gate
 from ..evaluate.report import save_curves, save_grid, write_json, write_markdown
+from ..export.artifact import deployment_card
+from ..export.judge import judge_deployment
 from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
 from ..train.distill import DistillConfig, Distiller
@@ -163,17 +165,20 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
     Variants are exported and evaluated the same way and reported beside the main student;
     the gate judges the main student only."""
     e = recipe.export
-    teacher_onnx = out / "onnx" / "teacher.onnx" if e.onnx else None
-    if e.onnx:  # the teacher's graph, for latency ratios measured in this run
-        export_onnx(teacher.model, teacher.adapter, teacher_onnx, e.batch, e.opset, e.parity_atol)
     ev = evaluator or Evaluator(teacher, calib, recipe.evaluation)
+
+    def to_onnx(model: LoadedModel, name: str) -> tuple[dict, Path]:
+        path = out / "onnx" / f"{name}.onnx"
+        card = deployment_card(model, ev.steps, ev.guidance)
+        return export_onnx(model.model, model.adapter, path, e.batch, e.opset, e.parity_atol, card), path
+
+    teacher_onnx = to_onnx(teacher, "teacher")[1] if e.onnx else None  # for latency ratios in this run
 
     def judge(model: LoadedModel, name: str, checkpoint: Path):
         export_info = onnx_path = None
         if e.onnx:
             log.info("exporting %s to ONNX (dynamo) with parity check", name)
-            onnx_path = out / "onnx" / f"{name}.onnx"
-            export_info = export_onnx(model.model, model.adapter, onnx_path, e.batch, e.opset, e.parity_atol)
+            export_info, onnx_path = to_onnx(model, name)
         quality, pictures = ev.quality(model)
         return quality, pictures, ev.cost(model, onnx_path, teacher_onnx, str(checkpoint)), export_info, onnx_path
 
@@ -191,6 +196,8 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
         "quality": quality, "cost": cost, "export": export_info, "stages": summaries,
         "artifacts": {"checkpoint": str(ckpt), "onnx": str(student_onnx) if student_onnx else None},
         "variants": variant_reports,
+        "deployment": (judge_deployment(e, student_onnx, ev, calib, out / ".work")
+                       if e.precisions or e.optimize or e.tensorrt else None),
         "wall_seconds": round(time.time() - t_start, 1),
     }
     report["gate"] = check_gate(report, [r.model_dump() for r in recipe.gate]) if recipe.gate else None

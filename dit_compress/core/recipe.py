@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,6 +56,18 @@ class ExportSpec(_Strict):
     batch: int = Field(2, ge=1, description="example batch used for tracing (the axis stays dynamic)")
     opset: int | None = Field(None, ge=17)
     parity_atol: float = Field(1e-4, gt=0)
+    precisions: list[Literal["fp16", "bf16", "int8-dynamic", "int8-static"]] = Field(
+        default_factory=list, description="deployment variants of the student graph, each evaluated")
+    half_rtol: float = Field(2e-2, gt=0, description="fp16/bf16 parity: max error relative to the output range")
+    int8_calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    optimize: bool = Field(False, description="measure ONNX Runtime's graph optimisation levels and fusions")
+    tensorrt: bool = Field(False, description="build and time a TensorRT engine when a GPU and TensorRT exist")
+
+    @model_validator(mode="after")
+    def _needs_onnx(self):
+        if not self.onnx and (self.precisions or self.optimize or self.tensorrt):
+            raise ValueError("precisions, optimize and tensorrt work on the ONNX export: set onnx: true")
+        return self
 
 
 class StageSpec(_Strict):

@@ -28,38 +28,31 @@ def macs_per_sample(model: nn.Module, adapter: FamilyAdapter) -> int:
     return int(counter.get_total_flops() // 2)
 
 
-def _summary(times: list[float]) -> dict:
-    ms = np.array(times) * 1000
-    q1, med, q3 = np.percentile(ms, [25, 50, 75])
-    return {"median_ms": round(float(med), 3), "iqr_ms": round(float(q3 - q1), 3), "runs": len(ms)}
+def time_calls(fn, repeats: int, warmup: int = 3) -> dict:
+    """Median and interquartile range (ms) of `repeats` calls of `fn`, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    return {"median_ms": round(float(med), 3), "iqr_ms": round(float(q3 - q1), 3), "runs": repeats}
 
 
 @torch.no_grad()
 def torch_latency(model: nn.Module, adapter: FamilyAdapter, batch: int, repeats: int) -> dict:
     x, t, cond = adapter.example_inputs(batch)
-    for _ in range(3):
-        adapter.denoise(model, x, t, cond)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        adapter.denoise(model, x, t, cond)
-        times.append(time.perf_counter() - t0)
-    return {"batch": batch, **_summary(times)}
+    return {"batch": batch, **time_calls(lambda: adapter.denoise(model, x, t, cond), repeats)}
 
 
-def onnx_latency(onnx_path, adapter: FamilyAdapter, batch: int, repeats: int) -> dict:
-    from ..export.onnx import ort_session, ort_feeds
+def onnx_latency(onnx_path, adapter: FamilyAdapter, batch: int, repeats: int, threads: int | None = None) -> dict:
+    from ..export.onnx import ort_feeds, ort_session
 
-    sess = ort_session(onnx_path)
+    sess = ort_session(onnx_path, threads)
     feeds = ort_feeds(*adapter.example_inputs(batch))
-    for _ in range(3):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t0)
-    return {"batch": batch, **_summary(times)}
+    return {"batch": batch, **time_calls(lambda: sess.run(None, feeds), repeats)}
 
 
 def peak_memory(checkpoint: str, batch: int) -> dict:

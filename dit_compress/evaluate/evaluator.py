@@ -60,8 +60,8 @@ class Evaluator:
         s = self.spec
         log.info("evaluating quality: denoiser error, %d-step samples (guidance %.1f)", self.steps, self.guidance)
         q: dict = {"sampling_steps": self.steps, "guidance_scale": self.guidance}
-        q["denoiser_error"] = metrics.denoiser_error_by_band(
-            self.teacher.model, student.model, self.teacher.adapter, self.calib, s.denoiser_samples, s.timestep_bands)
+        q["denoiser_error"] = metrics.denoiser_error_by_band(self.teacher, student, self.calib, s.denoiser_samples,
+                                                             s.timestep_bands)
         q["denoiser_relative_error"] = round(float(np.mean([b["relative_error"] for b in q["denoiser_error"]])), 5)
         seed0 = s.seeds[0]
         n = s.num_samples if self.classifier else s.compare_samples

@@ -8,13 +8,15 @@ import torch.nn as nn
 from scipy import linalg
 
 from ..data.calibration import CalibrationSet
-from ..models.families import FamilyAdapter
+from ..models.load import LoadedModel
 
 
 @torch.no_grad()
-def denoiser_error_by_band(teacher: nn.Module, student: nn.Module, adapter: FamilyAdapter,
-                           calib: CalibrationSet, n: int, bands: int, seed: int = 777) -> list[dict]:
-    """Relative L2 error ||s - t|| / ||t|| of the prediction, per band of the timestep range."""
+def denoiser_error_by_band(teacher: LoadedModel, student: LoadedModel, calib: CalibrationSet, n: int, bands: int,
+                           seed: int = 777) -> list[dict]:
+    """Relative L2 error ||s - t|| / ||t|| of the prediction, per band of the timestep range.
+
+    Each model runs through its own adapter, so a student may be an exported graph."""
     T = calib.schedule.num_train_timesteps
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -32,8 +34,8 @@ def denoiser_error_by_band(teacher: nn.Module, student: nn.Module, adapter: Fami
         for i in range(0, n, 128):
             sl = slice(i, i + 128)
             c = {key: v[sl] for key, v in cond.items()}
-            pt = adapter.denoise(teacher, x_t[sl], t[sl], c)
-            ps = adapter.denoise(student, x_t[sl], t[sl], c)
+            pt = teacher.adapter.denoise(teacher.model, x_t[sl], t[sl], c)
+            ps = student.adapter.denoise(student.model, x_t[sl], t[sl], c)
             errs.append(((ps - pt).flatten(1).norm(dim=1) / pt.flatten(1).norm(dim=1).clamp_min(1e-8)))
         out.append({"t_min": round(lo, 1), "t_max": round(hi, 1),
                     "relative_error": round(torch.cat(errs).mean().item(), 5)})

@@ -131,6 +131,8 @@ def write_markdown(path: Path, report: dict) -> None:
         p = report["export"]["parity"]
         lines += ["", "## Export", "", f"`{report['export']['path']}`: ONNX Runtime vs PyTorch max abs error "
                   f"{p['max_abs_error']:.3g} at batch {p['batch']} (limit {report['export']['atol']:g})."]
+    if report.get("deployment"):
+        lines += deployment_lines(report["deployment"])
     for st in report.get("stages", []):
         if st.get("analysis_png"):
             md = st["metadata"]
@@ -152,3 +154,46 @@ def write_markdown(path: Path, report: dict) -> None:
                      + (f"; recovery {rec.get('steps')} steps in {rec.get('seconds')} s, final output MSE "
                         f"{rec.get('final_output_mse')}" if rec else ""))
     path.write_text("\n".join(line for line in lines) + "\n")
+
+
+def deployment_lines(d: dict) -> list[str]:
+    """Precision variants judged on quality and latency; graph optimisation; TensorRT."""
+    fp32 = d["fp32"]
+    lines = ["", "## Deployment artifacts", "",
+             "Each precision variant of the student graph sampled through ONNX Runtime with the same noise, "
+             "labels, steps and guidance, and timed beside the fp32 graph in the same loop.", "",
+             "| graph | size (MB) | rel. error vs fp32 | PSNR vs teacher (dB) | FD ratio | guided acc. | "
+             "latency (ms) | latency vs fp32 |", "|---|---|---|---|---|---|---|---|",
+             f"| fp32 | {fp32['bytes'] / 1e6:.2f} | 0 | | | | {fp32['onnx_latency']['median_ms']} | 1.0 |"]
+    skipped = []
+    for kind, r in d.items():
+        if kind in ("fp32", "graph_optimisation", "tensorrt"):
+            continue
+        if "skipped" in r:
+            skipped.append(f"- {kind} skipped: {r['skipped']}")
+            continue
+        q, x = r["quality"], r["export"]
+        lines.append(f"| {kind} | {x['bytes'] / 1e6:.2f} | {_fmt(x['parity']['max_rel_error'])} | {_fmt(q['psnr_db'])} | "
+                     f"{_fmt(q.get('fd_ratio', 'n/a'))} | {_fmt(q.get('guided_accuracy_student', 'n/a'))} | "
+                     f"{r['onnx_latency']['median_ms']} | {r['latency_ratio_vs_fp32']} |")
+    lines += [""] + skipped
+    kept = {k: r["export"].get("kept_fp32_ops") for k, r in d.items() if isinstance(r, dict) and "export" in r
+            and r["export"].get("kept_fp32_ops")}
+    for kind, ops in kept.items():
+        lines.append(f"- {kind}: kept in fp32: {', '.join(f'{op} x{n}' for op, n in ops.items())}")
+    if d.get("graph_optimisation"):
+        g = d["graph_optimisation"]
+        lines += ["", f"### ONNX Runtime graph optimisation (batch {g['batch']})", "",
+                  "| graph | nodes | ops introduced by fusion | latency (ms) | vs unoptimised |", "|---|---|---|---|---|"]
+        for r in g["rows"]:
+            new = ", ".join(f"{k} x{v}" for k, v in r["new_ops"].items()) or "-"
+            lines.append(f"| {r['graph']} | {r['nodes']} | {new} | {r['latency']['median_ms']} | "
+                         f"{r['latency_ratio']} |")
+    if d.get("tensorrt"):
+        t = d["tensorrt"]
+        lines += ["", "### TensorRT", "", f"- skipped: {t['skipped']}" if "skipped" in t else
+                  f"- {t['precision']} engine `{t['engine']}` (TensorRT {t['tensorrt']}, built in "
+                  f"{t['build_seconds']} s): {t['latency']['median_ms']} ms, max relative error vs ONNX Runtime "
+                  f"{_fmt(t['max_rel_error_vs_onnx'])}"]
+    return lines
+

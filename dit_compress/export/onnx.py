@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..errors import ExportParityError
 from ..models.families import FamilyAdapter
+from .artifact import card_path
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin
 
@@ -41,13 +42,21 @@ def ort_feeds(x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, np.ndar
     return {name: v.numpy() for name, v in zip(input_names(cond), [x, t, *cond.values()])}
 
 
-def ort_session(path, threads: int | None = None):
+def quiet_ort() -> None:
+    """ONNX Runtime logs every unused initializer it drops at warning level; keep errors only."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)
+
+
+def ort_session(path, threads: int | None = None, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    quiet_ort()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def parity(onnx_path: Path, model: nn.Module, adapter: FamilyAdapter, batch: int, seed: int = 1) -> dict:
@@ -66,10 +75,11 @@ def parity(onnx_path: Path, model: nn.Module, adapter: FamilyAdapter, batch: int
 
 
 def export_onnx(model: nn.Module, adapter: FamilyAdapter, path: str | Path, batch: int = 2,
-                opset: int | None = None, atol: float = 1e-4) -> dict:
+                opset: int | None = None, atol: float = 1e-4, card: dict | None = None) -> dict:
     """Export `model` to `path` and check it in ONNX Runtime; raise ExportParityError past `atol`.
 
-    A graph that fails the check is deleted, so a failed export leaves no artifact behind."""
+    A graph that fails the check is deleted, so a failed export leaves no artifact behind. The
+    export facts, merged into `card` (see `artifact.deployment_card`), go to `NAME.json`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -92,6 +102,7 @@ def export_onnx(model: nn.Module, adapter: FamilyAdapter, path: str | Path, batc
             # d == 0); ONNX Runtime optimises the faithful graph itself at session creation.
             optimize=False)
     _drop_noop_squeezes(program.model)
+    _split_sequences_to_split(program.model)
     program.save(str(tmp), external_data=n_bytes > EXTERNAL_DATA_BYTES)
     export_seconds = time.time() - start
     try:
@@ -110,7 +121,7 @@ def export_onnx(model: nn.Module, adapter: FamilyAdapter, path: str | Path, batc
     info = {"path": str(path), "inputs": names, "opset": opset, "parity": check, "atol": atol,
             "export_seconds": round(export_seconds, 2), "external_data": n_bytes > EXTERNAL_DATA_BYTES,
             "bytes": path.stat().st_size}
-    path.with_suffix(".parity.json").write_text(json.dumps(info, indent=2) + "\n")
+    card_path(path).write_text(json.dumps({**(card or {}), "precision": "fp32", "export": info}, indent=2) + "\n")
     return info
 
 
@@ -139,3 +150,55 @@ def _drop_noop_squeezes(model) -> int:
             model.graph.remove(node, safe=True)
             removed += 1
     return removed
+
+
+def _const(value) -> "np.ndarray | None":
+    """The constant array behind an ONNX IR value (initializer or Constant node), else None."""
+    import onnx_ir as ir
+
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _split_sequences_to_split(model) -> int:
+    """Rewrite SplitToSequence + SequenceAt(constant) as one Split.
+
+    torch's exporter emits `tensor.split/chunk` as sequence ops; ONNX Runtime runs them, but
+    TensorRT's parser and the half-precision converters do not handle sequences."""
+    import onnx_ir as ir
+
+    rewritten = 0
+    for node in list(model.graph):
+        if node.op_type != "SplitToSequence" or len(node.inputs) < 2:
+            continue
+        data, seq = node.inputs[0], node.outputs[0]
+        size, axis = _const(node.inputs[1]), node.attributes.get_int("axis", 0)
+        keepdims = node.attributes.get_int("keepdims", 1)
+        users = [u for u, _ in seq.uses()]
+        if size is None or size.ndim != 0 or keepdims != 1 or data.shape is None or seq.is_graph_output():
+            continue
+        dim = data.shape[axis]
+        if not isinstance(dim, int) or any(u.op_type != "SequenceAt" or _const(u.inputs[1]) is None for u in users):
+            continue
+        step = int(size)
+        sizes = [step] * (dim // step) + ([dim % step] if dim % step else [])
+        split_sizes = ir.Value(name=f"{node.name}_sizes", const_value=ir.tensor(np.array(sizes, dtype=np.int64)))
+        model.graph.register_initializer(split_sizes)
+        split = ir.Node("", "Split", [data, split_sizes], [ir.AttrInt64("axis", axis)], num_outputs=len(sizes),
+                        name=f"{node.name}_as_split")
+        model.graph.insert_before(node, split)
+        for u in users:
+            k = int(_const(u.inputs[1]))
+            out = split.outputs[k % len(sizes)]
+            out.shape, out.type = u.outputs[0].shape, u.outputs[0].type
+            if u.outputs[0].is_graph_output():
+                continue
+            u.outputs[0].replace_all_uses_with(out)
+            model.graph.remove(u, safe=True)
+        if not seq.uses():
+            model.graph.remove(node, safe=True)
+        rewritten += 1
+    return rewritten
+

@@ -1,0 +1,145 @@
+"""Exported artifacts that stand alone: an ONNX denoiser plus a card that says how to sample it.
+
+The card (`NAME.json` beside `NAME.onnx`) carries what a sampling loop needs besides the
+network: latent shape, condition inputs and their "no condition" values for classifier-free
+guidance, the scheduler config and the default steps/guidance. `load_artifact` turns the pair
+into a `LoadedModel` whose denoiser is an ONNX Runtime session, so the same `sample` loop and
+the same `Evaluator` drive PyTorch models and exported graphs alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..models.families import FamilyAdapter
+from ..models.load import LoadedModel
+
+CARD_VERSION = 1
+
+
+def card_path(onnx_path: str | Path) -> Path:
+    return Path(onnx_path).with_suffix(".json")
+
+
+def null_spec(adapter: FamilyAdapter, cond: dict[str, torch.Tensor]) -> dict:
+    """How each condition input reads when unconditioned: "zeros", "same" (kept), or a fill value."""
+    null = adapter.null_conditions(cond)
+    spec = {}
+    for name, v in cond.items():
+        n = null[name]
+        if torch.equal(n, v):
+            spec[name] = "same"
+        elif not n.any():
+            spec[name] = "zeros"
+        elif (n == n.flatten()[0]).all():
+            spec[name] = {"fill": n.flatten()[0].item()}
+        else:
+            raise ValueError(f"cannot describe the null condition of input {name!r} in a card")
+    return spec
+
+
+def deployment_card(loaded: LoadedModel, steps: int, guidance_scale: float) -> dict:
+    """The sampling facts of `loaded` that an exported graph cannot carry itself."""
+    a = loaded.adapter
+    _, _, cond = a.example_inputs(1)
+    return {
+        "card_version": CARD_VERSION, "family": a.family, "class_name": loaded.class_name,
+        "source": loaded.source, "latent_shape": list(a.latent_shape()), "num_classes": a.num_classes,
+        "conditions": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape[1:])}
+                       for k, v in cond.items()},
+        "null_conditions": null_spec(a, cond),
+        "scheduler": loaded.scheduler_config,
+        "sampling": {"steps": int(steps), "guidance_scale": float(guidance_scale)},
+        "pixel_space": bool(loaded.card),  # the bundled teachers sample images directly
+    }
+
+
+class OnnxDenoiser:
+    """An ONNX Runtime session with the denoiser's call: (sample, timestep, conditions) -> prediction."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+        from .onnx import ort_session
+
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads, providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        feeds = {"sample": x, "timestep": t, **cond}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise CheckpointError(f"{self.path}: graph input(s) {missing} not given; have {sorted(feeds)}")
+        arrays = {n: feeds[n].detach().cpu().numpy() for n in self.input_names}
+        arrays["timestep"] = arrays["timestep"].astype(np.float32)
+        return torch.from_numpy(self.session.run(None, arrays)[0]).float()
+
+
+class OnnxAdapter(FamilyAdapter):
+    """The family interface of an exported graph, read from its card."""
+
+    def __init__(self, card: dict):
+        self.card = card
+        self.family, self.class_name = card["family"], card["class_name"]
+        self.config = {}
+        self._latent_shape = tuple(card["latent_shape"])
+
+    @property
+    def in_channels(self) -> int:
+        return self._latent_shape[0]
+
+    @property
+    def latent_size(self) -> int:
+        return self._latent_shape[1]
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self._latent_shape
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.card.get("num_classes")
+
+    def random_conditions(self, n, generator):
+        out = {}
+        for name, spec in self.card["conditions"].items():
+            if name == "class_labels" and self.num_classes:
+                out[name] = torch.randint(0, self.num_classes, (n,), generator=generator)
+            else:
+                out[name] = torch.randn(n, *spec["shape"], generator=generator).to(getattr(torch, spec["dtype"]))
+        return out
+
+    def null_conditions(self, cond):
+        out = {}
+        for name, v in cond.items():
+            spec = self.card["null_conditions"][name]
+            out[name] = v if spec == "same" else (torch.zeros_like(v) if spec == "zeros"
+                                                  else torch.full_like(v, spec["fill"]))
+        return out
+
+    def denoise(self, model, x, t, cond):
+        return model(x, t, cond)
+
+
+def load_artifact(onnx_path: str | Path, threads: int | None = None,
+                  providers: list[str] | None = None) -> LoadedModel:
+    """An exported graph and its card as a `LoadedModel` (the model being an ONNX Runtime session)."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise CheckpointError(f"ONNX artifact not found: {onnx_path}")
+    cp = card_path(onnx_path)
+    if not cp.is_file():
+        raise CheckpointError(f"{onnx_path}: no card {cp.name} beside it (export with `ditc export` or `ditc run`)")
+    try:
+        card = json.loads(cp.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cp}: not valid JSON ({e})") from None
+    missing = {"family", "class_name", "latent_shape", "conditions", "null_conditions", "scheduler",
+               "sampling"} - card.keys()
+    if missing:
+        raise CheckpointError(f"{cp}: card lacks field(s) {sorted(missing)}")
+    return LoadedModel(OnnxDenoiser(onnx_path, threads, providers), OnnxAdapter(card), card["scheduler"],
+                       str(onnx_path))
