@@ -95,3 +95,20 @@ def test_label_conditioned_text_family_prunes_restores_and_exports(tmp_path):
     info = export_onnx(restored.model, restored.adapter, tmp_path / "m.onnx")
     assert info["inputs"] == ["sample", "timestep", "class_labels"]
     assert info["parity"]["max_abs_error"] <= 1e-4
+
+
+def test_pixart_implicit_additional_conditions():
+    """PixArt-XL-2-1024's config leaves use_additional_conditions None; diffusers turns it on.
+
+    (Inner width 24: the size and aspect-ratio embeddings take a third of it each.)"""
+    import diffusers
+
+    model = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2, sample_size=128,
+        patch_size=2, cross_attention_dim=24, caption_channels=32, norm_type="ada_norm_single",
+        use_additional_conditions=None).eval()
+    assert model.use_additional_conditions and model.config.use_additional_conditions is None
+    adapter = get_adapter(model, LATENT)
+    x, t, cond = adapter.example_inputs(2)
+    with torch.no_grad():
+        assert torch.isfinite(adapter.denoise(model, x, t, cond)).all()

@@ -27,7 +27,9 @@ def run_dir(tmp_path_factory):
         "evaluation": {"num_samples": 10, "seeds": [0], "compare_samples": 4, "sampling_steps": 2,
                        "denoiser_samples": 8, "timestep_bands": 2, "latency_batch": 2, "latency_repeats": 3},
         # Deliberately impossible: the run must finish, write its report, and exit 1.
-        "gate": [{"metric": "quality.psnr_db", "min": 200.0}, {"metric": "cost.param_ratio", "max": 0.9}],
+        "gate": [{"metric": "quality.psnr_db", "min": 200.0}, {"metric": "cost.param_ratio", "max": 0.9},
+                 {"metric": "deployment.int8-dynamic.quality.psnr_db", "min": 5.0}],
+        "export": {"precisions": ["fp16", "bf16", "int8-dynamic"], "optimize": True, "tensorrt": True},
     }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -45,11 +47,29 @@ def test_run_writes_every_artifact_and_fails_gate(run_dir):
         assert (out / f).is_file(), f"missing {f}"
     report = json.loads((out / "report.json").read_text())
     assert report["gate"]["passed"] is False
-    assert [r["ok"] for r in report["gate"]["rules"]] == [False, True]
+    assert [r["ok"] for r in report["gate"]["rules"]] == [False, True, True]
     assert report["export"]["parity"]["max_abs_error"] <= 1e-4
     assert report["quality"]["outputs_finite"]
     assert 0.4 < report["cost"]["param_ratio"] < 0.9
     assert report["stages"][0]["metadata"]["removed"] == [1, 2]
+
+
+def test_deployment_variants_are_judged(run_dir):
+    """Each precision is sampled and scored like the student, and timed against fp32 in the same run."""
+    tmp, _, _ = run_dir
+    out = tmp / "out"
+    d = json.loads((out / "report.json").read_text())["deployment"]
+    for kind in ("fp16", "int8-dynamic"):
+        assert (out / "onnx" / f"student.{kind}.onnx").is_file() and (out / "onnx" / f"student.{kind}.json").is_file()
+        assert d[kind]["quality"]["outputs_finite"] and d[kind]["quality"]["psnr_db"] > 5
+        assert d[kind]["latency_ratio_vs_fp32"] > 0 and d[kind]["size_ratio_vs_fp32"] < 1
+    if not torch.cuda.is_available():
+        assert "CPUExecutionProvider" in d["bf16"]["skipped"]
+    assert [r["graph"].split(" ")[0] for r in d["graph_optimisation"]["rows"]] == [
+        "ort-disabled", "ort-basic", "ort-extended", "ort-all", "transformer-fused"]
+    assert "skipped" in d["tensorrt"] or d["tensorrt"]["latency"]["median_ms"] > 0
+    md = (out / "report.md").read_text()
+    assert "## Deployment artifacts" in md and "| int8-dynamic |" in md and "### TensorRT" in md
 
 
 def test_checkpoint_restores_and_loads_with_plain_diffusers(run_dir):
@@ -80,7 +100,7 @@ def test_rerun_resumes_finished_stage(run_dir):
 def test_eval_checkpoint_with_its_recipe(run_dir):
     tmp, _, _ = run_dir
     res = CliRunner().invoke(main, ["eval", str(tmp / "out" / "checkpoint"), "-o", str(tmp / "eval"),
-                                    "--set", "gate.0.min=0", "--set", "export.onnx=false"])
+                                    "--set", "gate.0.min=0"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp / "eval" / "report.json").read_text())
     first = json.loads((tmp / "out" / "report.json").read_text())

@@ -53,7 +53,8 @@ class GateRule(_Strict):
 
 class ExportSpec(_Strict):
     onnx: bool = True
-    batch: int = Field(2, ge=1, description="example batch used for tracing (the axis stays dynamic)")
+    batch: int = Field(2, ge=2, description="example batch used for tracing (>= 2: torch.export specialises "
+                                            "a batch of 1 into the graph)")
     opset: int | None = Field(None, ge=17)
     parity_atol: float = Field(1e-4, gt=0)
     precisions: list[Literal["fp16", "bf16", "int8-dynamic", "int8-static"]] = Field(

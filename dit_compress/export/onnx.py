@@ -80,6 +80,8 @@ def export_onnx(model: nn.Module, adapter: FamilyAdapter, path: str | Path, batc
 
     A graph that fails the check is deleted, so a failed export leaves no artifact behind. The
     export facts, merged into `card` (see `artifact.deployment_card`), go to `NAME.json`."""
+    if batch < 2:  # torch.export specialises size-1 dimensions: the graph would only take batch 1
+        raise ValueError("export_onnx traces at batch >= 2 so that the batch axis stays dynamic")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -177,13 +179,18 @@ def _split_sequences_to_split(model) -> int:
         size, axis = _const(node.inputs[1]), node.attributes.get_int("axis", 0)
         keepdims = node.attributes.get_int("keepdims", 1)
         users = [u for u, _ in seq.uses()]
-        if size is None or size.ndim != 0 or keepdims != 1 or data.shape is None or seq.is_graph_output():
+        if size is None or size.ndim > 1 or keepdims != 1 or seq.is_graph_output():
             continue
-        dim = data.shape[axis]
-        if not isinstance(dim, int) or any(u.op_type != "SequenceAt" or _const(u.inputs[1]) is None for u in users):
+        if any(u.op_type != "SequenceAt" or _const(u.inputs[1]) is None for u in users):
             continue
-        step = int(size)
-        sizes = [step] * (dim // step) + ([dim % step] if dim % step else [])
+        if size.ndim == 1:  # split_with_sizes: the sizes themselves
+            sizes = [int(v) for v in size]
+        else:  # split(step): chunks of `step` along a dimension that must be static
+            dim = data.shape[axis] if data.shape is not None else None
+            if not isinstance(dim, int):
+                continue
+            step = int(size)
+            sizes = [step] * (dim // step) + ([dim % step] if dim % step else [])
         split_sizes = ir.Value(name=f"{node.name}_sizes", const_value=ir.tensor(np.array(sizes, dtype=np.int64)))
         model.graph.register_initializer(split_sizes)
         split = ir.Node("", "Split", [data, split_sizes], [ir.AttrInt64("axis", axis)], num_outputs=len(sizes),

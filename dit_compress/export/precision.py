@@ -22,15 +22,19 @@ KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormaliza
              "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Softmax", "Exp", "Sin", "Cos", "Range")
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers (ByteSize() itself fails on protos past 2 GB)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    return total
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save, with weights in `NAME.onnx.data` when protobuf's 2 GB limit would be exceeded."""
-    large = model.ByteSize() > EXTERNAL_DATA_BYTES if _all_inline(model) else True
+    large = weight_bytes(model) > EXTERNAL_DATA_BYTES
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data" if large else None)
-
-
-def _all_inline(model: onnx.ModelProto) -> bool:
-    return not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def fold(src: Path, dst: Path) -> Path:
@@ -62,7 +66,7 @@ def to_fp16(src: Path, dst: Path, extra_fp32: list[str] = ()) -> dict:
     block = [*KEEP_FP32, *extra_fp32]
     kept = {op: n for op, n in op_counts(model).items() if op in block}
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
-                                    disable_shape_infer=model.ByteSize() > EXTERNAL_DATA_BYTES)
+                                    disable_shape_infer=weight_bytes(model) > EXTERNAL_DATA_BYTES)
     save_model(half, dst)
     return {"kept_fp32_ops": kept}
 

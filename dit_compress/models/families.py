@@ -130,7 +130,8 @@ class PixArtAdapter(FamilyAdapter):
 
     def denoise(self, model, x, t, cond):
         added = {"resolution": None, "aspect_ratio": None}
-        if self.config.get("use_additional_conditions"):
+        # The config may leave it None: diffusers then turns it on for sample_size 128 (PixArt-XL-2-1024).
+        if getattr(model, "use_additional_conditions", self.config.get("use_additional_conditions")):
             b = x.shape[0]
             size = float(self.latent_size * 8)
             added = {"resolution": torch.full((b, 2), size), "aspect_ratio": torch.ones(b, 1)}
