@@ -143,7 +143,31 @@ def main() -> None:
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     (results / f"full-size-{args.config}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"full-size-{args.config}.md").write_text(markdown(result, " ".join(sys.argv[1:])))
     print(json.dumps(result, indent=2))
+
+
+def markdown(r: dict, argv: str) -> str:
+    gb = 1e9
+    lines = [f"# Full-size export: {r['config']} ({r['class_name']}, random weights)", "",
+             f"Command: `python benchmarks/full_size_export.py {argv}` (2-core CPU, 24 GB RAM).", "",
+             "| figure | value |", "|---|---|",
+             f"| parameters | {r['parameters'] / 1e9:.3f} B |",
+             f"| graph input | latent {r['latent_size']}x{r['latent_size']}, {r['text_tokens']} text tokens, batch dynamic |",
+             f"| ONNX size | {r['onnx_total_gb']} GB ({'external data' if r['external_data'] else 'inline'}) |",
+             f"| export (torch.export + ONNX + save) | {r['export_seconds']} s |",
+             f"| export + parity check | {r['export_and_parity_seconds']} s |",
+             f"| parity vs PyTorch (batch {r['parity']['batch']}) | max abs {r['parity']['max_abs_error']:.3g}, "
+             f"max rel {r['parity']['max_rel_error']:.3g} |",
+             f"| peak RSS, exporting process (model + graph + parity session) | {r['export_process_peak_rss_gb']} GB |",
+             f"| ONNX Runtime, fresh process: load / one forward (batch 1) | {r['ort_load_seconds']} s / "
+             f"{r['ort_forward_seconds']} s, finite: {r['ort_output_finite']} |",
+             f"| ONNX Runtime process peak RSS | {r['ort_process_peak_rss_gb']} GB |"]
+    for kind, v in r.get("variants", {}).items():
+        size = sum(v["files_bytes"].values()) / gb
+        lines.append(f"| {kind} variant: time / size / max rel. error vs fp32 / process peak RSS so far | {v['seconds']} s / "
+                     f"{size:.2f} GB / {v['max_rel_error']:.3g} / {v['process_peak_rss_gb']} GB |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -63,10 +63,15 @@ def to_fp16(src: Path, dst: Path, extra_fp32: list[str] = ()) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
+    large = weight_bytes(model) > EXTERNAL_DATA_BYTES
+    if large:  # the converter's in-memory shape inference stops at 2 GB; the file-based one does not
+        typed = src.with_name(src.stem + ".typed.onnx")  # beside src: same external-data location
+        onnx.shape_inference.infer_shapes_path(str(src), str(typed))
+        model = onnx.load(str(typed))
+        typed.unlink()
     block = [*KEEP_FP32, *extra_fp32]
     kept = {op: n for op, n in op_counts(model).items() if op in block}
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
-                                    disable_shape_infer=weight_bytes(model) > EXTERNAL_DATA_BYTES)
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=block, disable_shape_infer=large)
     save_model(half, dst)
     return {"kept_fp32_ops": kept}
 
