@@ -72,7 +72,7 @@ def export(args) -> dict:
     card = {**deployment_card(loaded, steps=28, guidance_scale=4.5), "text_tokens": args.text_tokens}
     t0 = time.time()
     info = export_onnx(model, adapter, out, batch=2, atol=args.atol, card=card)
-    files = {f.name: f.stat().st_size for f in out.parent.iterdir() if f.is_file()}
+    files = {f.name: f.stat().st_size for f in out.parent.glob("model.onnx*")}  # not earlier variants
     return {"config": args.config, "class_name": type(model).__name__, "parameters": params,
             "latent_size": adapter.latent_size, "text_tokens": args.text_tokens,
             "build_seconds": round(build_s, 1), "export_and_parity_seconds": round(time.time() - t0, 1),

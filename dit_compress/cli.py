@@ -233,7 +233,8 @@ def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: 
     click.echo(f"wrote {out} ({result['num']} samples, {result['steps']} steps, guidance {result['guidance']:g}, "
                f"{result['seconds']:.1f} s)")
     if "psnr_db_vs_reference" in result:
-        click.echo(f"PSNR vs the PyTorch path (same noise): {result['psnr_db_vs_reference']:.2f} dB")
+        click.echo(f"PSNR vs the PyTorch path (same noise): {result['psnr_db_vs_reference']:.2f} dB "
+                   f"(max abs difference {result['max_abs_diff_vs_reference']:.3g})")
 
 
 @main.command()
