@@ -37,14 +37,49 @@ def time_calls(fn, repeats: int, warmup: int = 3) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
-    q1, med, q3 = np.percentile(times, [25, 50, 75])
-    return {"median_ms": round(float(med), 3), "iqr_ms": round(float(q3 - q1), 3), "runs": repeats}
+    return _summary(times)
+
+
+def paired_latency(fn_a, fn_b, repeats: int, warmup: int = 3) -> tuple[dict, dict]:
+    """`time_calls` for two callables in alternation, so load drift on a shared machine hits both alike."""
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1000)
+    return _summary(times[0]), _summary(times[1])
+
+
+def _summary(times_ms: list[float]) -> dict:
+    q1, med, q3 = np.percentile(times_ms, [25, 50, 75])
+    return {"median_ms": round(float(med), 3), "iqr_ms": round(float(q3 - q1), 3), "runs": len(times_ms)}
 
 
 @torch.no_grad()
 def torch_latency(model: nn.Module, adapter: FamilyAdapter, batch: int, repeats: int) -> dict:
     x, t, cond = adapter.example_inputs(batch)
     return {"batch": batch, **time_calls(lambda: adapter.denoise(model, x, t, cond), repeats)}
+
+
+@torch.no_grad()
+def paired_torch_latency(a, b, batch: int, repeats: int) -> tuple[dict, dict]:
+    """Latency of LoadedModels a and b on the same inputs, timed in alternation."""
+    x, t, cond = a.adapter.example_inputs(batch)
+    la, lb = paired_latency(lambda: a.adapter.denoise(a.model, x, t, cond),
+                            lambda: b.adapter.denoise(b.model, x, t, cond), repeats)
+    return {"batch": batch, **la}, {"batch": batch, **lb}
+
+
+def paired_onnx_latency(path_a, path_b, adapter: FamilyAdapter, batch: int, repeats: int) -> tuple[dict, dict]:
+    from ..export.onnx import ort_feeds, ort_session
+
+    sa, sb = ort_session(path_a), ort_session(path_b)
+    feeds = ort_feeds(*adapter.example_inputs(batch))
+    la, lb = paired_latency(lambda: sa.run(None, feeds), lambda: sb.run(None, feeds), repeats)
+    return {"batch": batch, **la}, {"batch": batch, **lb}
 
 
 def onnx_latency(onnx_path, adapter: FamilyAdapter, batch: int, repeats: int, threads: int | None = None) -> dict:

@@ -118,16 +118,18 @@ class Evaluator:
         s = self.spec
         log.info("measuring cost: parameters, MACs, latency, memory")
         out: dict = {}
-        for who, m, onnx_path, ckpt in (("teacher", self.teacher, teacher_onnx, self.teacher_source()),
-                                        ("student", student, student_onnx, student_ckpt)):
-            c = {"parameters": cost.count_parameters(m.model),
-                 "macs_per_sample": cost.macs_per_sample(m.model, m.adapter),
-                 "torch_latency": cost.torch_latency(m.model, m.adapter, s.latency_batch, s.latency_repeats)}
-            if onnx_path is not None:
-                c["onnx_latency"] = cost.onnx_latency(onnx_path, m.adapter, s.latency_batch, s.latency_repeats)
+        for who, m, ckpt in (("teacher", self.teacher, self.teacher_source()), ("student", student, student_ckpt)):
+            out[who] = {"parameters": cost.count_parameters(m.model),
+                        "macs_per_sample": cost.macs_per_sample(m.model, m.adapter)}
             if ckpt is not None:
-                c["memory"] = cost.peak_memory(ckpt, s.memory_batch)
-            out[who] = c
+                out[who]["memory"] = cost.peak_memory(ckpt, s.memory_batch)
+        # Latency: teacher and student timed in alternation, so the ratio survives load drift.
+        tt, ts = cost.paired_torch_latency(self.teacher, student, s.latency_batch, s.latency_repeats)
+        out["teacher"]["torch_latency"], out["student"]["torch_latency"] = tt, ts
+        if teacher_onnx is not None and student_onnx is not None:
+            ot, os_ = cost.paired_onnx_latency(teacher_onnx, student_onnx, self.teacher.adapter, s.latency_batch,
+                                               s.latency_repeats)
+            out["teacher"]["onnx_latency"], out["student"]["onnx_latency"] = ot, os_
         t, st = out["teacher"], out["student"]
         out["param_ratio"] = round(st["parameters"] / t["parameters"], 4)
         out["macs_ratio"] = round(st["macs_per_sample"] / t["macs_per_sample"], 4)

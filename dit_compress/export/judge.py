@@ -16,7 +16,7 @@ from ..evaluate import cost
 from ..evaluate.evaluator import Evaluator
 from .artifact import OnnxAdapter, card_path, load_artifact
 from .deploy import derive
-from .onnx import ort_feeds
+from .onnx import ort_feeds, ort_session
 
 log = logging.getLogger("dit_compress")
 
@@ -41,10 +41,9 @@ def judge_deployment(spec, student_onnx: Path, ev: Evaluator, calib: Calibration
             continue
         artifact = load_artifact(info["path"])
         quality, _ = ev.quality(artifact)
-        latency = cost.onnx_latency(info["path"], adapter, batch, repeats)
-        fp32_again = cost.onnx_latency(student_onnx, adapter, batch, repeats)  # same moment, same load
+        fp32_paired, latency = cost.paired_onnx_latency(student_onnx, info["path"], adapter, batch, repeats)
         out[kind] = {"export": info, "quality": quality, "onnx_latency": latency,
-                     "latency_ratio_vs_fp32": round(latency["median_ms"] / fp32_again["median_ms"], 4),
+                     "fp32_paired_latency": fp32_paired, "latency_ratio_vs_fp32": round(latency["median_ms"] / fp32_paired["median_ms"], 4),
                      "size_ratio_vs_fp32": round(info["bytes"] / student_onnx.stat().st_size, 4)}
     if spec.optimize:
         from .optimize import optimization_report
@@ -62,7 +61,6 @@ def tensorrt_section(onnx_path: Path, adapter: OnnxAdapter, batch: int, repeats:
     """Build an fp16 engine and compare it with ONNX Runtime's output, or say why not."""
     import numpy as np
 
-    from .onnx import ort_session
     from .tensorrt import Engine, EngineSpec, build_engine, unavailable_reason
 
     reason = unavailable_reason()
