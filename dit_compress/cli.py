@@ -175,7 +175,8 @@ PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]
 @main.command()
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .onnx path.")
-@click.option("--batch", type=click.IntRange(min=2), default=2, show_default=True, help="Tracing batch (the axis stays dynamic).")
+@click.option("--batch", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Tracing batch (the axis stays dynamic).")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity limit (max abs error).")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
               help="Also write this deployment variant beside the fp32 graph (repeatable).")

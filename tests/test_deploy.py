@@ -16,7 +16,6 @@ from test_families import _loaded
 from dit_compress.cli import main
 from dit_compress.data.calibration import CalibrationSpec, build_calibration
 from dit_compress.errors import CheckpointError, DeploymentUnsupported, ExportParityError
-from dit_compress.evaluate.metrics import psnr_ssim
 from dit_compress.export.artifact import card_path, deployment_card, load_artifact
 from dit_compress.export.deploy import derive, variant_path
 from dit_compress.export.onnx import export_onnx

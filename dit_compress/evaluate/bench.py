@@ -29,7 +29,8 @@ log = logging.getLogger("dit_compress")
 def _graphs(name: str, loaded, out: Path, precisions: list[str]) -> dict[str, Path]:
     """fp32 export plus each derivable precision; a precision this machine cannot run is left out."""
     path = out / "onnx" / f"{name}.onnx"
-    export_onnx(loaded.model, loaded.adapter, path, card=deployment_card(loaded, *resolved_sampling(loaded, None, None)))
+    card = deployment_card(loaded, *resolved_sampling(loaded, None, None))
+    export_onnx(loaded.model, loaded.adapter, path, card=card)
     graphs = {"onnx-fp32": path}
     calib = build_calibration(loaded, CalibrationSpec(num_samples=128), out / ".work") \
         if "int8-static" in precisions else None
@@ -107,10 +108,9 @@ def run_bench(sources: dict[str, str], out: Path, batches: list[int], threads: l
     if torch.cuda.is_available():
         rows += _gpu_rows(models, graphs, batches, repeats)
     _ratios(rows)
-    result = {"models": sources, "machine": {"cpu": platform.processor() or platform.machine(),
-                                             "cpu_count": os.cpu_count(),
-                                             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-              "repeats": repeats, "rows": rows}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "gpu": gpu}
+    result = {"models": sources, "machine": machine, "repeats": repeats, "rows": rows}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(_markdown(result))
     return result

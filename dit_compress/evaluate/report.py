@@ -173,7 +173,8 @@ def deployment_lines(d: dict) -> list[str]:
             skipped.append(f"- {kind} skipped: {r['skipped']}")
             continue
         q, x = r["quality"], r["export"]
-        lines.append(f"| {kind} | {x['bytes'] / 1e6:.2f} | {_fmt(x['parity']['max_rel_error'])} | {_fmt(q['psnr_db'])} | "
+        lines.append(f"| {kind} | {x['bytes'] / 1e6:.2f} | {_fmt(x['parity']['max_rel_error'])} | "
+                     f"{_fmt(q['psnr_db'])} | "
                      f"{_fmt(q.get('fd_ratio', 'n/a'))} | {_fmt(q.get('guided_accuracy_student', 'n/a'))} | "
                      f"{r['onnx_latency']['median_ms']} ({r['fp32_paired_latency']['median_ms']}) | "
                      f"{r['latency_ratio_vs_fp32']} |")
@@ -185,7 +186,8 @@ def deployment_lines(d: dict) -> list[str]:
     if d.get("graph_optimisation"):
         g = d["graph_optimisation"]
         lines += ["", f"### ONNX Runtime graph optimisation (batch {g['batch']})", "",
-                  "| graph | nodes | ops introduced by fusion | latency (ms) | vs unoptimised |", "|---|---|---|---|---|"]
+                  "| graph | nodes | ops introduced by fusion | latency (ms) | vs unoptimised |",
+                  "|---|---|---|---|---|"]
         for r in g["rows"]:
             new = ", ".join(f"{k} x{v}" for k, v in r["new_ops"].items()) or "-"
             lines.append(f"| {r['graph']} | {r['nodes']} | {new} | {r['latency']['median_ms']} | "

@@ -7,6 +7,7 @@ same loop as the fp32 graph, so the ratios come from one run on one machine.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -23,8 +24,6 @@ log = logging.getLogger("dit_compress")
 
 def judge_deployment(spec, student_onnx: Path, ev: Evaluator, calib: CalibrationSet, work: Path) -> dict:
     """The report's `deployment` section for `spec` (the recipe's export spec)."""
-    import json
-
     card = json.loads(card_path(student_onnx).read_text())
     adapter = OnnxAdapter(card)
     batch, repeats = ev.spec.latency_batch, ev.spec.latency_repeats
@@ -42,8 +41,8 @@ def judge_deployment(spec, student_onnx: Path, ev: Evaluator, calib: Calibration
         artifact = load_artifact(info["path"])
         quality, _ = ev.quality(artifact)
         fp32_paired, latency = cost.paired_onnx_latency(student_onnx, info["path"], adapter, batch, repeats)
-        out[kind] = {"export": info, "quality": quality, "onnx_latency": latency,
-                     "fp32_paired_latency": fp32_paired, "latency_ratio_vs_fp32": round(latency["median_ms"] / fp32_paired["median_ms"], 4),
+        out[kind] = {"export": info, "quality": quality, "onnx_latency": latency, "fp32_paired_latency": fp32_paired,
+                     "latency_ratio_vs_fp32": round(latency["median_ms"] / fp32_paired["median_ms"], 4),
                      "size_ratio_vs_fp32": round(info["bytes"] / student_onnx.stat().st_size, 4)}
     if spec.optimize:
         from .optimize import optimization_report
