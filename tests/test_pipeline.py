@@ -146,7 +146,7 @@ def test_ditc_prune_ppcl_writes_every_ratio_of_one_run(run_dir, tmp_path):
     assert len(variant["stage"]["removed"]) == 1
     assert variant["export"]["parity"]["max_abs_error"] <= 1e-4
     assert variant["cost"]["param_ratio"] > report["cost"]["param_ratio"]
-    for f in ("variants/ratio-0.25/manifest.json", "onnx/ratio-0.25.onnx", stage["analysis_png"]):
+    for f in ("variants/ratio-0.25/manifest.json", "onnx/ratio-0.25.onnx", stage["pictures"]["analysis"]):
         assert (out / f).is_file(), f"missing {f}"
     assert "## Variants of the same run" in (out / "report.md").read_text()
     restored = load_compressed(out / "variants" / "ratio-0.25")

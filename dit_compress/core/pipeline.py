@@ -201,13 +201,8 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
         "wall_seconds": round(time.time() - t_start, 1),
     }
     report["gate"] = check_gate(report, [r.model_dump() for r in recipe.gate]) if recipe.gate else None
-    for i, st in enumerate(summaries):  # a stage that analysed the teacher's blocks: its picture
-        if st.get("metadata", {}).get("analysis"):
-            from ..stages.prune.analysis import plot_analysis
-
-            st["analysis_png"] = f"analysis-stage{i}.png"
-            plot_analysis(st["metadata"]["analysis"], out / st["analysis_png"],
-                          [iv[:2] for iv in st["metadata"].get("intervals", [])])
+    for i, st in enumerate(summaries):  # each stage draws its own figures
+        st["pictures"] = get_stage(st["name"]).pictures(st["metadata"], out, f"stage{i}")
     save_grid(out / "samples.png", pictures["teacher"], pictures["student"], pictures["labels"])
     save_curves(out / "curves.png", report)
     write_markdown(out / "report.md", report)

@@ -61,6 +61,14 @@ class Stage(ABC):
         """True when the result is still a stock diffusers class that `from_pretrained` can load."""
         return True
 
+    def pictures(self, metadata: dict, out: Path, prefix: str) -> dict[str, str]:
+        """Write this stage's figures into `out` (names start with `prefix`); {label: file name}."""
+        return {}
+
+    def report_lines(self, metadata: dict, pictures: dict[str, str]) -> list[str]:
+        """This stage's section of report.md (its figures and the tables a person reads them with)."""
+        return []
+
     def layer_map(self, metadata: dict) -> list[tuple[str, str]]:
         """(student module, teacher module) pairs whose outputs recovery may match."""
         return []

@@ -73,7 +73,7 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-_BULKY = ("block_influence", "interval_costs", "width", "analysis")
+_BULKY = ("block_influence", "interval_costs", "width", "analysis", "expert_load", "moe")
 
 
 def write_markdown(path: Path, report: dict) -> None:
@@ -133,19 +133,10 @@ def write_markdown(path: Path, report: dict) -> None:
                   f"{p['max_abs_error']:.3g} at batch {p['batch']} (limit {report['export']['atol']:g})."]
     if report.get("deployment"):
         lines += deployment_lines(report["deployment"])
+    from ..core.stage import get_stage
+
     for st in report.get("stages", []):
-        if st.get("analysis_png"):
-            md = st["metadata"]
-            costs = {tuple(c["blocks"]): c["cost"] for c in md.get("interval_costs", [])}
-            lines += ["", f"## Redundancy analysis ({st['name']})", "",
-                      "Teacher hidden states at block boundaries on calibration inputs across timesteps: "
-                      "cosine and linear CKA of each block's input and output, linear-probe R², the "
-                      "first-order differential of CKA, and the CKA matrix. Shaded: flat high-similarity "
-                      "intervals; dashed: the runs this plan collapsed.", "",
-                      f"![analysis]({st['analysis_png']})", "",
-                      "| run collapsed | into block | probe cost (1 - R²) |", "|---|---|---|"]
-            lines += [f"| {a}..{b} | {anchor} | {costs.get((a, b), 'n/a')} |"
-                      for a, b, anchor in md.get("intervals", [])]
+        lines += get_stage(st["name"]).report_lines(st["metadata"], st.get("pictures") or {})
     lines += ["", "## Stages", ""]
     for st in report.get("stages", []):
         rec = st.get("recovery") or {}

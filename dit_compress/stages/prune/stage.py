@@ -241,5 +241,28 @@ class PruneStage(Stage):
             replay_width_(model, metadata["width"])
         return model
 
+    def pictures(self, metadata, out, prefix):
+        if not metadata.get("analysis"):
+            return {}
+        from .analysis import plot_analysis
+
+        name = f"analysis-{prefix}.png"
+        plot_analysis(metadata["analysis"], out / name, [iv[:2] for iv in metadata.get("intervals", [])])
+        return {"analysis": name}
+
+    def report_lines(self, metadata, pictures):
+        if "analysis" not in pictures:
+            return []
+        costs = {tuple(c["blocks"]): c["cost"] for c in metadata.get("interval_costs", [])}
+        return ["", "## Redundancy analysis (prune)", "",
+                "Teacher hidden states at block boundaries on calibration inputs across timesteps: "
+                "cosine and linear CKA of each block's input and output, linear-probe R², the "
+                "first-order differential of CKA, and the CKA matrix. Shaded: flat high-similarity "
+                "intervals; dashed: the runs this plan collapsed.", "",
+                f"![analysis]({pictures['analysis']})", "",
+                "| run collapsed | into block | probe cost (1 - R²) |", "|---|---|---|",
+                *[f"| {a}..{b} | {anchor} | {costs.get((a, b), 'n/a')} |"
+                  for a, b, anchor in metadata.get("intervals", [])]]
+
     def layer_map(self, metadata):
         return list(zip(metadata["student_blocks"], metadata["teacher_targets"]))

@@ -1,0 +1,178 @@
+"""The `moe` stage: Dense2MoE's FFN -> mixture of experts with its multi-step distillation.
+
+Step 1 initialises the experts from the dense FFN (Taylor split, balanced grouping, fitted
+router; `convert.py`). Step 2 distils the converted model from the teacher: output MSE,
+teacher-normalised block-output matching, and a load-balancing loss on every router.
+The result keeps every parameter (capacity) but runs only shared + top_k experts per token.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from ...core.stage import Stage, StageContext
+from ...data.calibration import CalibrationSet
+from ...models.families import FamilyAdapter
+from ...train.distill import Distiller, OutputFeatureObjective
+from .config import MoEConfig
+from .convert import build_moe, dense_ffns, record_ffns, replace_module_, replay_moe_, split_neurons
+from .layer import MoEFeedForward
+
+log = logging.getLogger("dit_compress")
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoEFeedForward]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoEFeedForward)}
+
+
+class MoEObjective(OutputFeatureObjective):
+    """Output + block-feature distillation, plus `balance_weight` x mean load-balancing loss."""
+
+    def __init__(self, adapter, layer_map, feature_weight: float, balance_weight: float):
+        super().__init__(adapter, layer_map, feature_weight)
+        self.balance_weight = balance_weight
+
+    def describe(self):
+        return f"{super().describe()} balance {self.balance_weight}"
+
+    def attach(self, teacher, student):
+        super().attach(teacher, student)
+        self.layers = list(moe_layers(student).values())
+        for m in self.layers:
+            m.track = True
+
+    def loss(self, step, batch, teacher, student):
+        loss, out_loss = super().loss(step, batch, teacher, student)
+        if self.balance_weight > 0:
+            loss = loss + self.balance_weight * torch.stack([m.balance_loss() for m in self.layers]).mean()
+        return loss, out_loss
+
+    def close(self):
+        super().close()
+        for m in self.layers:
+            m.track = False
+
+
+@torch.no_grad()
+def expert_load(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, batches: int = 8,
+                batch_size: int = 64) -> dict[str, list[float]]:
+    """Share of routed token slots each expert receives on calibration inputs, per MoE layer."""
+    layers = moe_layers(model)
+    counts = {n: torch.zeros(m.num_experts) for n, m in layers.items()}
+    for m in layers.values():
+        m.track = True
+    try:
+        for k in range(batches):
+            b = calib.batch(50_000_000 + k, batch_size)
+            adapter.denoise(model, b.x_t, b.t, b.cond)
+            for n, m in layers.items():
+                counts[n] += m.last_counts.float()
+    finally:
+        for m in layers.values():
+            m.track = False
+    return {n: [round(v, 5) for v in (c / c.sum()).tolist()] for n, c in counts.items()}
+
+
+def activation_stats(model: nn.Module, dense_ffn_params: int) -> dict:
+    """Parameters that exist vs parameters one token activates (whole model and FFNs)."""
+    layers = moe_layers(model).values()
+    total = sum(p.numel() for p in model.parameters())
+    ffn_total = sum(sum(p.numel() for p in m.parameters()) for m in layers)
+    ffn_active = sum(m.activated_parameters() for m in layers)
+    return {"parameters": total, "activated_parameters": total - ffn_total + ffn_active,
+            "ffn_dense_parameters": dense_ffn_params, "ffn_activated_parameters": ffn_active,
+            "ffn_activated_ratio": round(ffn_active / dense_ffn_params, 4)}
+
+
+class MoEStage(Stage):
+    name = "moe"
+    config_cls = MoEConfig
+
+    def recovery(self, config: MoEConfig):
+        return None  # the distillation (with load balancing) is part of the method: it runs in `apply`
+
+    def is_stock(self, metadata: dict) -> bool:
+        return False
+
+    def apply(self, model, config: MoEConfig, ctx: StageContext):
+        adapter = ctx.teacher.with_model(model).adapter
+        ffns = dense_ffns(model, adapter, config.targets)
+        dense_params = sum(sum(p.numel() for p in ff.parameters()) for ff in ffns.values())
+        log.info("moe: Taylor scores and router fit on %d FFNs", len(ffns))
+        stats = record_ffns(model, adapter, ctx.calibration, ffns, batches=config.taylor_batches)
+        record = {}
+        for path, ff in ffns.items():
+            split = split_neurons(stats[path], config.segments, config.shared_segments)
+            replace_module_(model, path, build_moe(ff, split, config.top_k, stats[path]))
+            record[path] = {"shared": len(split["shared"]), "experts": len(split["experts"]),
+                            "expert_size": len(split["experts"][0]), "top_k": config.top_k}
+        metadata = {"moe": record, "conversion_error": _relative_error(ctx, model, adapter)}
+        log.info("moe: relative output error right after conversion %.4f", metadata["conversion_error"])
+        if config.recover is not None:
+            blocks = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
+            objective = MoEObjective(ctx.teacher.adapter, list(zip(blocks, blocks)), config.recover.feature_weight,
+                                     config.balance_weight)
+            metadata["training"] = Distiller(ctx.teacher.model, model, ctx.teacher.adapter, ctx.calibration,
+                                             config.recover, ctx.work_dir, desc="moe distill",
+                                             objective=objective).run()
+            model.eval().requires_grad_(False)
+        metadata["activation"] = activation_stats(model, dense_params)
+        metadata["expert_load"] = expert_load(model, adapter, ctx.calibration)
+        metadata["max_load_over_fair"] = round(max(max(v) * len(v) for v in metadata["expert_load"].values()), 4)
+        return model, metadata
+
+    def restore(self, model, config, metadata, adapter):
+        replay_moe_(model, metadata["moe"])
+        return model
+
+    def layer_map(self, metadata):
+        return []  # same block structure as the teacher: the stage matches blocks itself
+
+    def pictures(self, metadata, out, prefix):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        load = metadata["expert_load"]
+        names = list(load)
+        shares = torch.tensor([load[n] for n in names]) * len(load[names[0]])  # 1.0 = fair share
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.3 * len(names) + 1.8),
+                                   gridspec_kw={"width_ratios": [3, 2]})
+        im = a.imshow(shares.numpy(), aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
+        a.set_yticks(range(len(names)), [n.replace("transformer_blocks", "blk") for n in names], fontsize=7)
+        a.set_xlabel("expert")
+        a.set_title("token share / fair share (1 = balanced)", fontsize=9)
+        fig.colorbar(im, ax=a)
+        b.barh(range(len(names)), shares.max(dim=1).values.numpy())
+        b.axvline(2.0, color="red", linestyle="--", label="2x fair share")
+        b.invert_yaxis()
+        b.set_yticks([])
+        b.set_title("busiest expert per layer", fontsize=9)
+        b.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"expert-load-{prefix}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return {"expert_load": name}
+
+    def report_lines(self, metadata, pictures):
+        act = metadata["activation"]
+        return ["", "## Mixture of experts (moe)", "",
+                f"{len(metadata['moe'])} FFNs converted; per token {act['ffn_activated_parameters']:,} of "
+                f"{act['ffn_dense_parameters']:,} dense FFN parameters run (**{act['ffn_activated_ratio']}**); "
+                f"whole model: {act['activated_parameters']:,} activated of {act['parameters']:,}. Relative output "
+                f"error right after conversion, before distillation: {metadata['conversion_error']}. Busiest "
+                f"expert: {metadata['max_load_over_fair']}x its fair share of tokens on calibration inputs.", "",
+                *([f"![expert load]({pictures['expert_load']})"] if "expert_load" in pictures else [])]
+
+
+@torch.no_grad()
+def _relative_error(ctx: StageContext, model: nn.Module, adapter: FamilyAdapter) -> float:
+    b = ctx.calibration.batch(60_000_000, 64)
+    ref = ctx.teacher.adapter.denoise(ctx.teacher.model, b.x_t, b.t, b.cond)
+    got = adapter.denoise(model, b.x_t, b.t, b.cond)
+    return round(((got - ref).norm() / ref.norm()).item(), 5)
