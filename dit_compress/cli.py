@@ -155,6 +155,34 @@ def prune(model: str, method: str, ratio: float | None, ratios: str | None, remo
 
 
 @main.command()
+@click.argument("model")
+@click.option("--segments", type=int, default=8, show_default=True, help="Equal parts each FFN is cut into.")
+@click.option("--shared", "shared_segments", type=int, default=1, show_default=True,
+              help="Parts that form the always-on shared expert (the most important neurons).")
+@click.option("--top-k", type=int, default=2, show_default=True, help="Routed experts run per token.")
+@click.option("--balance-weight", type=float, default=0.05, show_default=True, help="Load-balancing loss weight.")
+@click.option("--steps", type=int, default=1200, show_default=True, help="Distillation steps.")
+@click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
+@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
+@set_option
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@_errors
+def moe(model: str, segments: int, shared_segments: int, top_k: int, balance_weight: float, steps: int,
+        subfolder: str | None, latent_size: int | None, overrides: tuple[str, ...], out: Path) -> None:
+    """Dense2MoE: turn MODEL's FFNs into mixtures of experts, distil, export and report."""
+    from .core.pipeline import run_recipe
+    from .core.recipe import apply_overrides, parse_recipe
+
+    cfg = {"segments": segments, "shared_segments": shared_segments, "top_k": top_k,
+           "balance_weight": balance_weight, "recover": {"steps": steps, "feature_weight": 1.0}}
+    raw = {"name": out.name, "model": {"source": model, "subfolder": subfolder, "latent_size": latent_size},
+           "stages": [{"moe": cfg}]}
+    report = run_recipe(parse_recipe(apply_overrides(raw, list(overrides)), "ditc moe"), out)
+    _summary(report, out)
+    sys.exit(_print_gate(report))
+
+
+@main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--steps", type=int, default=300, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)

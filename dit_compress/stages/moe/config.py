@@ -18,7 +18,7 @@ class MoEConfig(StageConfig):
     targets: tuple[str, ...] = Field(("ff", "ff_context"), min_length=1,
                                      description="FeedForward attributes of a block to convert")
     taylor_batches: int = Field(4, ge=1, description="calibration batches for Taylor scores and the router fit")
-    balance_weight: float = Field(0.01, ge=0, description="weight of the load-balancing loss")
+    balance_weight: float = Field(0.05, ge=0, description="weight of the load-balancing loss")
     # Knowledge distillation of the converted model (output + block features + load balancing).
     recover: DistillConfig | None = Field(default_factory=lambda: DistillConfig(steps=1200, feature_weight=1.0))
 

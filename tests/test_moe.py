@@ -1,0 +1,131 @@
+"""Dense2MoE: exact expert initialisation, sparse execution, families, save/restore, export, balance."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import pytest
+import torch
+
+from conftest import save_tiny
+from test_families import _loaded
+from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
+from dit_compress.core.stage import StageContext, get_stage
+from dit_compress.data.calibration import CalibrationSpec, build_calibration
+from dit_compress.errors import RecipeError, UnsupportedModelError
+from dit_compress.export.onnx import export_onnx
+from dit_compress.stages.moe.convert import balanced_groups, build_moe, dense_ffns, record_ffns, split_neurons
+from dit_compress.stages.moe.layer import MoEFeedForward
+from dit_compress.stages.moe.stage import moe_layers
+
+MOE_FAMILIES = ["dit", "pixart", "sd3", "flux"]
+
+
+def _split(family):
+    m = _loaded(family)
+    calib = build_calibration(m, CalibrationSpec(num_samples=16, sampling_steps=2))
+    ffns = dense_ffns(m.model, m.adapter, ("ff", "ff_context"))
+    stats = record_ffns(m.model, m.adapter, calib, ffns, batches=1, batch_size=8)
+    return m, ffns, stats
+
+
+def test_experts_partition_the_dense_ffn_exactly():
+    """With every expert chosen at gate 1 (zero router), the MoE layer is the dense FFN."""
+    _, ffns, stats = _split("dit")
+    path, ff = next(iter(ffns.items()))
+    split = split_neurons(stats[path], segments=4, shared_segments=1)
+    neurons = split["shared"] + [n for e in split["experts"] for n in e]
+    assert sorted(neurons) == list(range(ff.net[0].proj.out_features)), "every neuron in exactly one expert"
+    scores = stats[path]["score"]
+    assert scores[split["shared"]].min() >= scores[[n for e in split["experts"] for n in e]].max()
+    moe = build_moe(ff, split, top_k=len(split["experts"]))
+    torch.nn.init.zeros_(moe.router.weight), torch.nn.init.zeros_(moe.router.bias)
+    x = torch.randn(3, 5, ff.net[0].proj.in_features)
+    with torch.no_grad():
+        assert torch.allclose(moe(x), ff(x), atol=1e-5)
+
+
+def test_sparse_execution_runs_only_chosen_experts():
+    moe = MoEFeedForward(dim=8, shared=4, experts=4, expert_size=4, top_k=1).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(6, 8)
+    _, idx, _ = moe.route(x)
+    calls = []
+    moe.up_weight.register_hook(lambda g: calls.append((g.abs().sum(dim=(1, 2)) > 0).tolist()))
+    moe(x).sum().backward()
+    used = sorted(set(idx.flatten().tolist()))
+    assert [i for i, touched in enumerate(calls[0]) if touched] == used, "unchosen experts must not run"
+
+
+def test_balanced_groups_are_equal_and_cluster():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g) * 5
+    feats = torch.cat([c + 0.1 * torch.randn(6, 16, generator=g) for c in centers])
+    groups = balanced_groups(feats, 3)
+    assert [len(x) for x in groups] == [6, 6, 6]
+    assert sorted(tuple(x) for x in groups) == [tuple(range(0, 6)), tuple(range(6, 12)), tuple(range(12, 18))]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_stage_on_family(family, tmp_path):
+    teacher = _loaded(family)
+    calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
+    stage = get_stage("moe")
+    cfg = stage.config_cls(segments=4, shared_segments=1, top_k=1, taylor_batches=1,
+                           recover={"steps": 3, "batch_size": 8, "feature_weight": 1.0})
+    student, meta = stage.apply(copy.deepcopy(teacher.model), cfg, StageContext(teacher, calib, tmp_path / "w"))
+    layers = moe_layers(student)
+    assert layers and len(layers) == len(meta["moe"])
+    act = meta["activation"]
+    assert act["activated_parameters"] < act["parameters"]
+    assert act["ffn_activated_ratio"] < 0.55  # 2 of 4 segments plus the router
+    assert all(abs(sum(v) - 1) < 1e-3 for v in meta["expert_load"].values())
+    assert meta["training"]["steps"] == 3
+    x, t, cond = teacher.adapter.example_inputs(2)
+    adapter = teacher.with_model(student).adapter
+    with torch.no_grad():
+        before = adapter.denoise(student, x, t, cond)
+    assert torch.isfinite(before).all()
+    rec = StageRecord("moe", cfg.model_dump(), meta)
+    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}), [rec], "h")
+    restored = load_compressed(folder)
+    with torch.no_grad():
+        after = restored.adapter.denoise(restored.model, x, t, cond)
+    assert torch.equal(before, after), f"{family}: save -> restore changed the outputs"
+    info = export_onnx(restored.model, restored.adapter, tmp_path / "moe.onnx", batch=2, atol=1e-4)
+    assert info["parity"]["max_abs_error"] <= 1e-4
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "moe.onnx")).graph.node}
+    assert {"NonZero", "TopK"} <= ops, "the graph must gather tokens per expert, not run experts densely"
+
+
+def test_sana_conv_ffn_is_refused():
+    m = _loaded("sana")
+    with pytest.raises(UnsupportedModelError, match="only GELU FeedForward"):
+        dense_ffns(m.model, m.adapter, ("ff",))
+
+
+def test_config_errors_name_the_field():
+    from dit_compress.core.stage import parse_stage_config
+
+    with pytest.raises(RecipeError, match="top_k=7 exceeds the 6 routed experts"):
+        parse_stage_config("moe", {"segments": 8, "shared_segments": 2, "top_k": 7}, "recipe.yaml stages.0.moe:")
+    with pytest.raises(RecipeError, match="unknown key"):
+        parse_stage_config("moe", {"experts": 8}, "recipe.yaml stages.0.moe:")
+
+
+def test_ditc_moe_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from dit_compress.cli import main
+
+    save_tiny("dit", tmp_path / "teacher")
+    res = CliRunner().invoke(main, ["moe", str(tmp_path / "teacher"), "--segments", "4", "--top-k", "1",
+                                    "--steps", "2", "-o", str(tmp_path / "out"), "--set",
+                                    "evaluation.num_samples=10", "--set", "evaluation.compare_samples=4",
+                                    "--set", "evaluation.denoiser_samples=8", "--set", "evaluation.latency_repeats=3",
+                                    "--set", "calibration.num_samples=16", "--set", "calibration.sampling_steps=2"])
+    assert res.exit_code in (0, 1), res.output
+    assert (tmp_path / "out" / "expert-load-stage0.png").is_file()
+    assert "## Mixture of experts" in (tmp_path / "out" / "report.md").read_text()
