@@ -34,3 +34,10 @@ def test_ditc_check_exit_codes(tmp_path):
     bad = runner.invoke(main, ["check", str(path), "--gate", str(strict)])
     assert bad.exit_code == 1
     assert "quality.fd_ratio = 1.4 violates max 1.1 (by 0.3)" in bad.output
+
+
+def test_gate_reaches_into_lists():
+    report = {"stages": [{"metadata": {"activation": {"ffn_activated_ratio": 0.38}}}]}
+    g = check_gate(report, [{"metric": "stages.0.metadata.activation.ffn_activated_ratio", "max": 0.4},
+                            {"metric": "stages.1.metadata.x", "max": 1}])
+    assert [r["ok"] for r in g["rules"]] == [True, False] and g["rules"][1]["value"] is None

@@ -129,3 +129,49 @@ def test_ditc_moe_cli(tmp_path):
     assert res.exit_code in (0, 1), res.output
     assert (tmp_path / "out" / "expert-load-stage0.png").is_file()
     assert "## Mixture of experts" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3"])
+def test_mixture_of_blocks(family, tmp_path):
+    """MoB on top of MoE: blocks run for the chosen samples only; save/restore and export are exact."""
+    teacher = _loaded(family)
+    calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
+    stage = get_stage("moe")
+    tiny = {"steps": 2, "batch_size": 8, "feature_weight": 1.0}
+    cfg = stage.config_cls(segments=4, top_k=1, taylor_batches=1, recover=tiny,
+                           mob={"group_size": 2, "active": 1, "recover": tiny})
+    student, meta = stage.apply(copy.deepcopy(teacher.model), cfg, StageContext(teacher, calib, tmp_path / "w"))
+    protected = {i for _, i in teacher.adapter.protected_blocks(teacher.model)}
+    assert set(meta["mob"]["routed"]).isdisjoint(protected), "protected blocks always run"
+    routed = meta["mob"]["routed"]
+    groups = [routed[s:s + 2] for s in range(0, len(routed), 2)]
+    budget = sum(1 for g in groups) / len(routed)  # one active block per group of (at most) two
+    assert meta["block_activation_fraction"] == pytest.approx(budget, abs=0.01)
+    assert budget < 1
+    assert meta["activation"]["activated_parameters"] < sum(p.numel() for p in teacher.model.parameters()) * 0.8
+    x, t, cond = teacher.adapter.example_inputs(3)
+    adapter = teacher.with_model(student).adapter
+    with torch.no_grad():
+        before = adapter.denoise(student, x, t, cond)
+    assert torch.isfinite(before).all()
+    rec = StageRecord("moe", cfg.model_dump(), meta)
+    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}), [rec], "h")
+    restored = load_compressed(folder)
+    with torch.no_grad():
+        assert torch.equal(before, restored.adapter.denoise(restored.model, x, t, cond))
+    info = export_onnx(restored.model, restored.adapter, tmp_path / "mob.onnx", batch=2, atol=1e-4)
+    assert info["parity"]["max_abs_error"] <= 1e-4
+
+
+def test_routed_block_skips_unchosen_samples():
+    from dit_compress.stages.moe.blocks import MixtureOfBlocks
+
+    blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    mob = MixtureOfBlocks(dim=4, routed=[0, 1], group_size=2, active=1)
+    mob.wrap_(blocks)
+    with torch.no_grad():
+        mob.routers[0].proj.bias.copy_(torch.tensor([5.0, -5.0]))  # every sample picks block 0
+    h = torch.randn(3, 2, 4)
+    out = blocks[1](blocks[0](h))
+    with torch.no_grad():
+        assert torch.allclose(out, blocks[0].block(h)), "block 1 must pass every sample through unchanged"

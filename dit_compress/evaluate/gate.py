@@ -4,12 +4,15 @@ from __future__ import annotations
 
 
 def lookup(report: dict, dotted: str) -> float | None:
-    """The number at `dotted` in the report, or None if it is absent or not a number."""
+    """The number at `dotted` (dict keys, list indices) in the report, or None if absent or not a number."""
     node = report
     for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]  # e.g. stages.0.metadata...
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return None
-        node = node[part]
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 

@@ -17,7 +17,8 @@ from ...core.stage import Stage, StageContext
 from ...data.calibration import CalibrationSet
 from ...models.families import FamilyAdapter
 from ...train.distill import Distiller, OutputFeatureObjective
-from .config import MoEConfig
+from .blocks import MixtureOfBlocks
+from .config import MoBConfig, MoEConfig
 from .convert import build_moe, dense_ffns, record_ffns, replace_module_, replay_moe_, split_neurons
 from .layer import MoEFeedForward
 
@@ -76,13 +77,47 @@ def expert_load(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
     return {n: [round(v, 5) for v in (c / c.sum()).tolist()] for n, c in counts.items()}
 
 
-def activation_stats(model: nn.Module, dense_ffn_params: int) -> dict:
-    """Parameters that exist vs parameters one token activates (whole model and FFNs)."""
+def wrap_blocks_(model: nn.Module, record: dict) -> MixtureOfBlocks:
+    """Put the recorded Mixture of Blocks in place (its routers live at `model.mob`)."""
+    mob = MixtureOfBlocks(record["dim"], record["routed"], record["group_size"], record["active"])
+    model.add_module("mob", mob)
+    mob.wrap_(getattr(model, record["attr"]))
+    return mob
+
+
+@torch.no_grad()
+def block_activation(model: nn.Module, mob: MixtureOfBlocks, adapter: FamilyAdapter, calib: CalibrationSet,
+                     batches: int = 8, batch_size: int = 64) -> dict[str, float]:
+    """Share of calibration samples (over timesteps) each routed block runs for."""
+    totals = torch.zeros(len(mob.routed))
+    for k in range(batches):
+        b = calib.batch(55_000_000 + k, batch_size)
+        adapter.denoise(model, b.x_t, b.t, b.cond)
+        totals += torch.tensor(mob.activation_rates())
+    return {str(i): round(float(v / batches), 4) for i, v in zip(mob.routed, totals)}
+
+
+def _block_params(block: nn.Module) -> int:
+    """Parameters one token activates in a block (MoE layers count shared + top_k experts)."""
+    moes = [m for m in block.modules() if isinstance(m, MoEFeedForward)]
+    inner = sum(sum(p.numel() for p in m.parameters()) - m.activated_parameters() for m in moes)
+    return sum(p.numel() for p in block.parameters()) - inner
+
+
+def activation_stats(model: nn.Module, dense_ffn_params: int, mob: dict | None = None,
+                     block_rates: dict[str, float] | None = None) -> dict:
+    """Parameters that exist vs parameters one token activates on average (whole model and FFNs).
+
+    With a Mixture of Blocks, a routed block counts with the share of samples it runs for."""
     layers = moe_layers(model).values()
     total = sum(p.numel() for p in model.parameters())
     ffn_total = sum(sum(p.numel() for p in m.parameters()) for m in layers)
     ffn_active = sum(m.activated_parameters() for m in layers)
-    return {"parameters": total, "activated_parameters": total - ffn_total + ffn_active,
+    active = total - ffn_total + ffn_active
+    if mob is not None:
+        blocks = getattr(model, mob["attr"])
+        active -= sum((1 - rate) * _block_params(blocks[int(i)]) for i, rate in block_rates.items())
+    return {"parameters": total, "activated_parameters": int(active),
             "ffn_dense_parameters": dense_ffn_params, "ffn_activated_parameters": ffn_active,
             "ffn_activated_ratio": round(ffn_active / dense_ffn_params, 4)}
 
@@ -119,13 +154,45 @@ class MoEStage(Stage):
                                              config.recover, ctx.work_dir, desc="moe distill",
                                              objective=objective).run()
             model.eval().requires_grad_(False)
-        metadata["activation"] = activation_stats(model, dense_params)
+        if config.mob is not None:
+            metadata.update(self._mob(model, adapter, config.mob, ctx))
+        metadata["activation"] = activation_stats(model, dense_params, metadata.get("mob"),
+                                                  metadata.get("block_activation"))
         metadata["expert_load"] = expert_load(model, adapter, ctx.calibration)
         metadata["max_load_over_fair"] = round(max(max(v) * len(v) for v in metadata["expert_load"].values()), 4)
         return model, metadata
 
+    def _mob(self, model, adapter, config: MoBConfig, ctx: StageContext) -> dict:
+        """Step 3: wrap the blocks in a Mixture of Blocks and optimise it with the group feature loss."""
+        from ..prune.analysis import boundary_states
+
+        group = adapter.block_groups[0]
+        blocks = getattr(model, group.attr)
+        protected = {i for attr, i in adapter.protected_blocks(model) if attr == group.attr}
+        routed = [i for i in range(len(blocks)) if i not in protected]
+        h = boundary_states(model, adapter, ctx.calibration, batches=2, max_tokens=None, first_batch=10_000_000)
+        influence = [float(1 - torch.cosine_similarity(h[i], h[i + 1], dim=-1).mean()) for i in range(len(blocks))]
+        record = {"attr": group.attr, "routed": routed, "group_size": config.group_size, "active": config.active,
+                  "dim": int(h[0].shape[-1])}
+        mob = wrap_blocks_(model, record)
+        with torch.no_grad():  # start from each group's most influential blocks
+            for k, router in enumerate(mob.routers):
+                members = routed[k * config.group_size:(k + 1) * config.group_size]
+                router.proj.bias.copy_(torch.tensor([influence[i] for i in members]))
+        ends = [f"{group.attr}.{g[-1]}" for g in
+                (routed[s:s + config.group_size] for s in range(0, len(routed), config.group_size))]
+        objective = OutputFeatureObjective(ctx.teacher.adapter, list(zip(ends, ends)), config.recover.feature_weight)
+        training = Distiller(ctx.teacher.model, model, ctx.teacher.adapter, ctx.calibration, config.recover,
+                             ctx.work_dir / "mob", desc="mob distill", objective=objective).run()
+        model.eval().requires_grad_(False)
+        rates = block_activation(model, mob, adapter, ctx.calibration)
+        return {"mob": record, "mob_training": training, "block_activation": rates,
+                "block_activation_fraction": round(sum(rates.values()) / len(rates), 4)}
+
     def restore(self, model, config, metadata, adapter):
         replay_moe_(model, metadata["moe"])
+        if metadata.get("mob"):
+            wrap_blocks_(model, metadata["mob"])
         return model
 
     def layer_map(self, metadata):

@@ -1,0 +1,102 @@
+"""Mixture of Blocks: per sample (and so per timestep), a router runs only some blocks of a group.
+
+Consecutive blocks form groups of `group_size`; at a group's first block a router reads the
+hidden state entering the group (mean and spread over tokens: the spread tracks the noise
+level, so the choice depends on the timestep) and picks `active` blocks for each sample.
+Only the samples that chose a block are gathered and run through it; the others pass it
+unchanged. A chosen block's update is scaled by a straight-through gate (value 1, gradient
+of its logit), so the router learns from the distillation loss while outputs stay exact.
+The router's bias starts at each block's Block Influence, so before training every group
+keeps its most influential blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class BlockRouter(nn.Module):
+    def __init__(self, dim: int, group_size: int, active: int):
+        super().__init__()
+        self.active = active
+        self.proj = nn.Linear(2 * dim, group_size)
+        nn.init.zeros_(self.proj.weight)
+        self.choice: torch.Tensor | None = None  # (B, group_size) bool, set at the group's first block
+        self.gates: torch.Tensor | None = None
+
+    def decide(self, hidden: torch.Tensor) -> None:
+        h = hidden.float()
+        feats = torch.cat([h.mean(dim=1), h.std(dim=1)], dim=-1).to(self.proj.weight.dtype)
+        logits = self.proj(feats)
+        top = logits.topk(self.active, dim=-1).indices
+        self.choice = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
+        self.gates = 1 + logits - logits.detach()  # straight-through: 1 forward, d/dlogit backward
+
+
+class RoutedBlock(nn.Module):
+    """A transformer block that runs only for the samples its group router chose."""
+
+    def __init__(self, block: nn.Module, router: BlockRouter, position: int):
+        super().__init__()
+        self.block, self.position = block, position
+        self.__dict__["router"] = router  # shared with the group: not a submodule of each block
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # e.g. DiT's output head reads transformer_blocks[0].norm1
+            return getattr(self.block, name)
+
+    def forward(self, *args, **kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if self.position == 0:
+            self.router.decide(hidden)
+        batch = hidden.shape[0]
+        rows = self.router.choice[:, self.position].nonzero().flatten()
+        # One padding row (sample 0, discarded) keeps the batch non-empty without a data-dependent
+        # branch, which the ONNX export could not trace.
+        padded = torch.cat([rows, rows.new_zeros(1)])
+
+        def take(v):
+            return v[padded] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
+
+        out = self.block(*[take(a) for a in args], **{k: take(v) for k, v in kwargs.items()})
+        gate = self.router.gates[rows, self.position]
+        # Joint blocks (SD3, Flux) return (text, image) and pass both streams through.
+        identity = (kwargs.get("encoder_hidden_states"), hidden) if isinstance(out, tuple) else (hidden,)
+        outs = out if isinstance(out, tuple) else (out,)
+        merged = []
+        for full, part in zip(identity, outs):
+            if full is None or part is None:
+                merged.append(part)
+                continue
+            g = gate.view(-1, *([1] * (part.dim() - 1))).to(part.dtype)
+            update = g * (part[:-1] - full[rows])
+            merged.append(full.index_add(0, rows, update))
+        return tuple(merged) if isinstance(out, tuple) else merged[0]
+
+
+class MixtureOfBlocks(nn.Module):
+    """The routers of one block list; `wrap_` puts RoutedBlocks in place of the routed blocks.
+
+    `routed` lists the block indices that may be skipped (protected blocks always run); they
+    are grouped `group_size` at a time in order."""
+
+    def __init__(self, dim: int, routed: list[int], group_size: int, active: int):
+        super().__init__()
+        if not 1 <= active <= group_size:
+            raise ValueError(f"active={active} must be between 1 and group_size={group_size}")
+        self.routed, self.group_size = list(routed), group_size
+        groups = [self.routed[s:s + group_size] for s in range(0, len(self.routed), group_size)]
+        # A shorter last group keeps the same share of active blocks (at least one).
+        self.routers = nn.ModuleList(BlockRouter(dim, len(g), max(1, round(active * len(g) / group_size)))
+                                     for g in groups)
+
+    def wrap_(self, blocks: nn.ModuleList) -> None:
+        for k, i in enumerate(self.routed):
+            blocks[i] = RoutedBlock(blocks[i], self.routers[k // self.group_size], k % self.group_size)
+
+    def activation_rates(self) -> list[float]:
+        """Share of samples each routed block ran for in the last forward."""
+        return [round(v, 4) for r in self.routers for v in r.choice.float().mean(0).tolist()]
