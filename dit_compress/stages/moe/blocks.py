@@ -59,7 +59,7 @@ class RoutedBlock(nn.Module):
         padded = torch.cat([rows, rows.new_zeros(1)])
 
         def take(v):
-            return v[padded] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
+            return v.index_select(0, padded) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
 
         out = self.block(*[take(a) for a in args], **{k: take(v) for k, v in kwargs.items()})
         gate = self.router.gates[rows, self.position]
@@ -72,7 +72,7 @@ class RoutedBlock(nn.Module):
                 merged.append(part)
                 continue
             g = gate.view(-1, *([1] * (part.dim() - 1))).to(part.dtype)
-            update = g * (part[:-1] - full[rows])
+            update = g * (part[:-1] - full.index_select(0, rows))
             merged.append(full.index_add(0, rows, update))
         return tuple(merged) if isinstance(out, tuple) else merged[0]
 
@@ -97,6 +97,6 @@ class MixtureOfBlocks(nn.Module):
         for k, i in enumerate(self.routed):
             blocks[i] = RoutedBlock(blocks[i], self.routers[k // self.group_size], k % self.group_size)
 
-    def activation_rates(self) -> list[float]:
-        """Share of samples each routed block ran for in the last forward."""
-        return [round(v, 4) for r in self.routers for v in r.choice.float().mean(0).tolist()]
+    def choices(self) -> torch.Tensor:
+        """(batch, routed blocks) bool: which blocks ran for each sample in the last forward."""
+        return torch.cat([r.choice for r in self.routers], dim=1)

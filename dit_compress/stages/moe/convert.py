@@ -153,9 +153,9 @@ def build_moe(ff: nn.Module, split: dict, top_k: int, stats: dict | None = None,
         moe.shared_down.bias.copy_(down.bias)
         for e, neurons in enumerate(experts):
             idx = torch.tensor(neurons)
-            moe.up_weight[e].copy_(up.weight[idx])
-            moe.up_bias[e].copy_(up.bias[idx])
-            moe.down_weight[e].copy_(down.weight[:, idx])
+            moe.up_weight[e].copy_(up.weight[idx].t())
+            moe.up_bias[e, 0].copy_(up.bias[idx])
+            moe.down_weight[e].copy_(down.weight[:, idx].t())
         if stats is not None:
             init_router_(moe, stats, experts, down.weight, ridge)
     return moe.to(up.weight.dtype)

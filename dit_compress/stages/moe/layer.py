@@ -2,9 +2,9 @@
 
 The FFN's hidden neurons are partitioned: a shared expert (always runs) and equally sized
 routed experts, of which a linear router picks `top_k` per token. Only the chosen experts
-run: tokens are gathered per expert, pushed through that expert's slice of the up/down
-projections, weighted and scattered back (index_add) — no dense evaluation under a mask, in
-PyTorch and in the exported ONNX graph alike (NonZero / Gather / ScatterND there).
+run: tokens are scattered into per-expert slabs, pushed through the experts' slices of the
+up/down projections in one batched matmul, gathered back and weighted — no dense evaluation
+under a mask, in PyTorch and in the exported ONNX graph alike (TopK / ScatterElements / Gather).
 
 Gates are top_k * softmax over the chosen logits, so with similar logits every chosen
 expert gets weight ~1 and the sum of all experts reproduces the dense FFN exactly.
@@ -26,9 +26,10 @@ class MoEFeedForward(nn.Module):
         self.top_k, self.approximate = top_k, approximate
         self.shared_up = nn.Linear(dim, shared)
         self.shared_down = nn.Linear(shared, dim)  # carries the dense FFN's output bias
-        self.up_weight = nn.Parameter(torch.zeros(experts, expert_size, dim))
-        self.up_bias = nn.Parameter(torch.zeros(experts, expert_size))
-        self.down_weight = nn.Parameter(torch.zeros(experts, dim, expert_size))
+        # Stored (in, out) per expert, ready for a batched matmul without transposes in the graph.
+        self.up_weight = nn.Parameter(torch.zeros(experts, dim, expert_size))
+        self.up_bias = nn.Parameter(torch.zeros(experts, 1, expert_size))
+        self.down_weight = nn.Parameter(torch.zeros(experts, expert_size, dim))
         self.router = nn.Linear(dim, experts)
         self.track = False  # training / analysis: keep router statistics of the last call
         self.last_probs: torch.Tensor | None = None
@@ -52,12 +53,32 @@ class MoEFeedForward(nn.Module):
         if self.track:
             self.last_probs = logits.softmax(dim=-1)
             self.last_counts = torch.bincount(idx.flatten(), minlength=self.num_experts)
-        for e in range(self.num_experts):
-            token, slot = (idx == e).nonzero(as_tuple=True)  # the tokens that chose expert e
-            h = F.gelu(x[token] @ self.up_weight[e].t() + self.up_bias[e], approximate=self.approximate)
-            y = (h @ self.down_weight[e].t()) * gates[token, slot].unsqueeze(-1)
-            out = out.index_add(0, token, y.to(out.dtype))
+        out = out + self._experts(x, idx, gates)
         return out.reshape(shape)
+
+    def _experts(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts of gate * expert(token), all experts in one batched matmul.
+
+        Each (token, choice) pair gets a row in its expert's slab; slabs are as long as the busiest
+        expert's load, so with balanced routing little is padding, and one bmm replaces a loop of
+        small per-expert matmuls. Rows move by flat Scatter / Gather along dim 0 (advanced indexing
+        would export as GatherND / ScatterND wrapped in copies): at small token counts the graph's
+        node count, not its arithmetic, decides latency."""
+        tokens, experts, dim = x.shape[0], self.num_experts, x.shape[-1]
+        e = idx.reshape(-1)  # pairs in token-major order
+        ranks = (e.unsqueeze(1) == torch.arange(experts, device=x.device)).long().cumsum(0)
+        load = ranks[-1].max().item()
+        torch._check(load >= 0)  # a size to torch.export, which cannot know it before running
+        slot = e * load + ranks.gather(1, e.unsqueeze(1)).squeeze(1) - 1  # row in the flat slabs
+        # Which token fills each slab row (padding rows read an appended zero row): a scatter of
+        # ints, then one row Gather — a row-wise scatter of the activations is far slower in ORT.
+        token = torch.arange(tokens, device=x.device).unsqueeze(1).expand(tokens, self.top_k).reshape(-1)
+        source = torch.full((experts * load,), tokens, device=x.device).scatter(0, slot, token)
+        slab = torch.cat([x, x.new_zeros(1, dim)]).index_select(0, source)
+        h = F.gelu(torch.baddbmm(self.up_bias, slab.view(experts, load, dim), self.up_weight),
+                   approximate=self.approximate)
+        y = torch.bmm(h, self.down_weight).reshape(experts * load, dim).index_select(0, slot)
+        return (y * gates.reshape(-1, 1)).view(tokens, self.top_k, dim).sum(1).to(x.dtype)
 
     def balance_loss(self) -> torch.Tensor:
         """Switch-Transformer load balancing: E * sum_e (token share of e) * (mean router prob of e)."""

@@ -87,14 +87,22 @@ def wrap_blocks_(model: nn.Module, record: dict) -> MixtureOfBlocks:
 
 @torch.no_grad()
 def block_activation(model: nn.Module, mob: MixtureOfBlocks, adapter: FamilyAdapter, calib: CalibrationSet,
-                     batches: int = 8, batch_size: int = 64) -> dict[str, float]:
-    """Share of calibration samples (over timesteps) each routed block runs for."""
-    totals = torch.zeros(len(mob.routed))
+                     batches: int = 8, batch_size: int = 64) -> tuple[dict[str, float], dict]:
+    """Share of calibration samples each routed block runs for: overall, and per noise level (timestep
+    terciles), since the router reads the noise level and may spend blocks differently across it."""
+    ran, steps = [], []
     for k in range(batches):
         b = calib.batch(55_000_000 + k, batch_size)
         adapter.denoise(model, b.x_t, b.t, b.cond)
-        totals += torch.tensor(mob.activation_rates())
-    return {str(i): round(float(v / batches), 4) for i, v in zip(mob.routed, totals)}
+        ran.append(mob.choices().float())
+        steps.append(b.t.float().flatten())
+    ran, steps = torch.cat(ran), torch.cat(steps)
+    overall = {str(i): round(float(v), 4) for i, v in zip(mob.routed, ran.mean(0))}
+    edges = torch.quantile(steps, torch.tensor([1 / 3, 2 / 3]))
+    level = torch.bucketize(steps, edges)
+    by_noise = {"timestep_edges": [round(float(e), 3) for e in edges],
+                "rates": [[round(float(v), 4) for v in ran[level == q].mean(0)] for q in range(3)]}
+    return overall, by_noise
 
 
 def _block_params(block: nn.Module) -> int:
@@ -185,8 +193,9 @@ class MoEStage(Stage):
         training = Distiller(ctx.teacher.model, model, ctx.teacher.adapter, ctx.calibration, config.recover,
                              ctx.work_dir / "mob", desc="mob distill", objective=objective).run()
         model.eval().requires_grad_(False)
-        rates = block_activation(model, mob, adapter, ctx.calibration)
+        rates, by_noise = block_activation(model, mob, adapter, ctx.calibration)
         return {"mob": record, "mob_training": training, "block_activation": rates,
+                "block_activation_by_noise": by_noise,
                 "block_activation_fraction": round(sum(rates.values()) / len(rates), 4)}
 
     def restore(self, model, config, metadata, adapter):
@@ -224,7 +233,10 @@ class MoEStage(Stage):
         name = f"expert-load-{prefix}.png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
-        return {"expert_load": name}
+        pictures = {"expert_load": name}
+        if metadata.get("block_activation_by_noise"):
+            pictures["block_activation"] = _block_activation_picture(metadata, out, prefix, plt)
+        return pictures
 
     def report_lines(self, metadata, pictures):
         act = metadata["activation"]
@@ -234,7 +246,47 @@ class MoEStage(Stage):
                 f"whole model: {act['activated_parameters']:,} activated of {act['parameters']:,}. Relative output "
                 f"error right after conversion, before distillation: {metadata['conversion_error']}. Busiest "
                 f"expert: {metadata['max_load_over_fair']}x its fair share of tokens on calibration inputs.", "",
-                *([f"![expert load]({pictures['expert_load']})"] if "expert_load" in pictures else [])]
+                *([f"![expert load]({pictures['expert_load']})"] if "expert_load" in pictures else []),
+                *self._mob_lines(metadata, pictures)]
+
+    @staticmethod
+    def _mob_lines(metadata, pictures) -> list[str]:
+        if not metadata.get("mob"):
+            return []
+        mob, act = metadata["mob"], metadata["activation"]
+        return ["", "### Mixture of blocks", "",
+                f"Routed blocks {mob['routed']} in groups of {mob['group_size']}, {mob['active']} active per group; "
+                f"on calibration inputs the routed blocks ran for **{metadata['block_activation_fraction']}** of "
+                f"samples on average (rates by noise level: timestep terciles split at "
+                f"{metadata['block_activation_by_noise']['timestep_edges']}).", "",
+                *([f"![block activation]({pictures['block_activation']})"] if "block_activation" in pictures
+                  else [])]
+
+
+def _block_activation_picture(metadata: dict, out, prefix: str, plt) -> str:
+    """Per routed block: share of samples it ran for, overall and per noise tercile."""
+    blocks = list(metadata["block_activation"])
+    noise = metadata["block_activation_by_noise"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(blocks) + 2), 3.2))
+    width = 0.2
+    x = torch.arange(len(blocks)).float()
+    labels = ["low noise", "mid noise", "high noise"]
+    for q, rates in enumerate(noise["rates"]):
+        ax.bar((x + (q - 1.5) * width).numpy(), rates, width, label=labels[q])
+    ax.bar((x + 1.5 * width).numpy(), list(metadata["block_activation"].values()), width, color="black",
+           label="all")
+    ax.axhline(metadata["block_activation_fraction"], color="red", linestyle="--", linewidth=1,
+               label=f"mean {metadata['block_activation_fraction']:.2f}")
+    ax.set_xticks(x.numpy(), blocks)
+    ax.set_xlabel("routed block")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of samples it ran for")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    name = f"block-activation-{prefix}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 @torch.no_grad()
