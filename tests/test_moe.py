@@ -191,6 +191,10 @@ def test_routed_block_skips_unchosen_samples():
     with torch.no_grad():
         mob.routers[0].proj.bias.copy_(torch.tensor([5.0, -5.0]))  # every sample picks block 0
     h = torch.randn(3, 2, 4)
+    seen = []
+    for b in blocks:
+        b.block.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
     out = blocks[1](blocks[0](h))
+    assert seen == [3, 1], "the chosen block runs on its samples only; an unchosen one on one discarded row"
     with torch.no_grad():
         assert torch.allclose(out, blocks[0].block(h), atol=1e-6), "block 1 must pass every sample through unchanged"

@@ -54,9 +54,10 @@ class RoutedBlock(nn.Module):
             self.router.decide(hidden)
         batch = hidden.shape[0]
         rows = self.router.choice[:, self.position].nonzero().flatten()
-        # One padding row (sample 0, discarded) keeps the batch non-empty without a data-dependent
-        # branch, which the ONNX export could not trace.
-        padded = torch.cat([rows, rows.new_zeros(1)])
+        chosen = rows.shape[0]
+        # When no sample chose the block it still runs on one discarded row (sample 0): an empty
+        # batch would need a data-dependent branch, which the ONNX export cannot trace.
+        padded = torch.cat([rows, rows.new_zeros(1)])[:torch.sym_max(chosen, 1)]
 
         def take(v):
             return v.index_select(0, padded) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
@@ -72,7 +73,7 @@ class RoutedBlock(nn.Module):
                 merged.append(part)
                 continue
             g = gate.view(-1, *([1] * (part.dim() - 1))).to(part.dtype)
-            update = g * (part[:-1] - full.index_select(0, rows))
+            update = g * (part[:chosen] - full.index_select(0, rows))
             merged.append(full.index_add(0, rows, update))
         return tuple(merged) if isinstance(out, tuple) else merged[0]
 
