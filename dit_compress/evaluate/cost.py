@@ -20,12 +20,15 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def macs_per_sample(model: nn.Module, adapter: FamilyAdapter) -> int:
-    """Multiply-accumulates of one forward at batch 1 (PyTorch's FLOP counter / 2)."""
-    x, t, cond = adapter.example_inputs(1)
-    with FlopCounterMode(display=False) as counter:
+def macs_per_sample(model: nn.Module, adapter: FamilyAdapter, batch: int = 16) -> int:
+    """Multiply-accumulates per sample of one forward at `batch` (PyTorch's FLOP counter / 2).
+
+    Not at batch 1: routed models (experts, blocks) do work that depends on how a batch's
+    tokens and samples spread over the routes, and one sample is not a representative batch."""
+    x, t, cond = adapter.example_inputs(batch)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         adapter.denoise(model, x, t, cond)
-    return int(counter.get_total_flops() // 2)
+    return int(counter.get_total_flops() // 2 // batch)
 
 
 def time_calls(fn, repeats: int, warmup: int = 3) -> dict:
