@@ -183,18 +183,37 @@ def moe(model: str, segments: int, shared_segments: int, top_k: int, balance_wei
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--steps", type=int, default=300, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.argument("source")
+@click.option("--attention", type=click.Choice(["lit"]),
+              help="Replace SOURCE's (a MODEL's) self-attention by linear attention and distil it (LiT).")
+@click.option("--heads", type=int, default=2, show_default=True, help="Heads of the linear attention.")
+@click.option("--steps", type=int, help="Distillation steps [default: 300, or 2000 with --attention].")
+@click.option("--lr", type=float, help="Learning rate [default: 2e-4, or 5e-4 with --attention].")
 @click.option("--feature-weight", type=float, default=0.0, show_default=True)
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="New checkpoint folder.")
+@click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
+@set_option
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="New checkpoint folder, or the run folder with --attention.")
 @_errors
-def distill(checkpoint: Path, steps: int, lr: float, feature_weight: float, out: Path) -> None:
-    """Continue distilling a compressed CHECKPOINT from its teacher; writes a new checkpoint."""
-    from .core.pipeline import distill_checkpoint
+def distill(source: str, attention: str | None, heads: int, steps: int | None, lr: float | None,
+            feature_weight: float, subfolder: str | None, overrides: tuple[str, ...], out: Path) -> None:
+    """Continue distilling a compressed checkpoint SOURCE from its teacher (writes a new checkpoint),
+    or with --attention convert a MODEL's attention and distil it (writes a run folder and report)."""
+    if attention is None:
+        from .core.pipeline import distill_checkpoint
 
-    distill_checkpoint(checkpoint, out, steps=steps, lr=lr, feature_weight=feature_weight)
-    click.echo(f"wrote {out}")
+        distill_checkpoint(Path(source), out, steps=steps or 300, lr=lr or 2e-4, feature_weight=feature_weight)
+        click.echo(f"wrote {out}")
+        return
+    from .core.pipeline import run_recipe
+    from .core.recipe import apply_overrides, parse_recipe
+
+    cfg = {"heads": heads, "recover": {"steps": steps or 2000, "lr": lr or 5e-4, "feature_weight": feature_weight}}
+    raw = {"name": out.name, "model": {"source": source, "subfolder": subfolder}, "stages": [{attention: cfg}]}
+    report = run_recipe(parse_recipe(apply_overrides(raw, list(overrides)), f"ditc distill --attention {attention}"),
+                        out)
+    _summary(report, out)
+    sys.exit(_print_gate(report))
 
 
 PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]

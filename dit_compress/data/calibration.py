@@ -39,6 +39,11 @@ class Batch:
     x_t: torch.Tensor
     t: torch.Tensor
     cond: dict[str, torch.Tensor]
+    target: torch.Tensor  # what training regresses: the noise, or the velocity for flow matching
+
+    def to(self, device) -> "Batch":
+        return Batch(self.x_t.to(device), self.t.to(device), {k: v.to(device) for k, v in self.cond.items()},
+                     self.target.to(device))
 
 
 @dataclass
@@ -66,7 +71,8 @@ class CalibrationSet:
         for k, v in self.cond.items():
             mask = uncond.view(-1, *([1] * (v.dim() - 1)))
             cond[k] = torch.where(mask, self.null_cond[k][idx], v[idx])[sl]
-        return Batch(self.schedule.add_noise(self.x0[idx][sl], noise[sl], t[sl]), t[sl], cond)
+        x0, noise = self.x0[idx][sl], noise[sl]
+        return Batch(self.schedule.add_noise(x0, noise, t[sl]), t[sl], cond, self.schedule.target(x0, noise))
 
     def save(self, path: Path) -> None:
         tensors = {"x0": self.x0, **{COND_PREFIX + k: v for k, v in self.cond.items()},

@@ -1,3 +1,3 @@
 """Built-in stages; importing this package registers them."""
 
-from . import moe, prune  # noqa: F401
+from . import attention, moe, prune  # noqa: F401

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..core.stage import StageConfig
-from ..data.calibration import CalibrationSet
+from ..data.calibration import Batch, CalibrationSet
 from ..errors import DistillationDiverged
 from ..models.families import FamilyAdapter
 
@@ -78,8 +78,9 @@ class Objective(ABC):
         return type(self).__name__
 
     @abstractmethod
-    def loss(self, step: int, batch, teacher: nn.Module, student: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to minimise, output MSE against the teacher) for one batch."""
+    def loss(self, step: int, batch: Batch, teacher: nn.Module, student: nn.Module
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to minimise, output MSE against the teacher) for one calibration batch."""
 
     def close(self) -> None:
         pass
@@ -100,16 +101,19 @@ class OutputFeatureObjective(Objective):
         self.t_cap = _Capture(teacher, [t for _, t in self.layer_map])
 
     def loss(self, step, batch, teacher, student):
-        x, t, cond = batch
+        x, t, cond = batch.x_t, batch.t, batch.cond
         with torch.no_grad():
             target = self.adapter.denoise(teacher, x, t, cond)
         out_loss = torch.mean((self.adapter.denoise(student, x, t, cond) - target) ** 2)
-        loss = out_loss
-        if self.layer_map:
-            feat = [torch.mean((self.s_cap.values[s] - self.t_cap.values[t_]) ** 2)
-                    / (self.t_cap.values[t_].var() + 1e-6) for s, t_ in self.layer_map]
-            loss = loss + self.feature_weight * torch.stack(feat).mean()
-        return loss, out_loss
+        return out_loss + self.feature_loss(), out_loss
+
+    def feature_loss(self) -> torch.Tensor | float:
+        """feature_weight x mean teacher-normalised MSE at the mapped layers of the last forward."""
+        if not self.layer_map:
+            return 0.0
+        feat = [torch.mean((self.s_cap.values[s] - self.t_cap.values[t_]) ** 2)
+                / (self.t_cap.values[t_].var() + 1e-6) for s, t_ in self.layer_map]
+        return self.feature_weight * torch.stack(feat).mean()
 
     def close(self):
         self.s_cap.close()
@@ -210,10 +214,8 @@ class Distiller:
             for step in bar:
                 for group in opt.param_groups:
                     group["lr"] = c.lr * self._lr_factor(step)
-                b = self.calib.batch(step, c.batch_size, shard)
-                x, t = b.x_t.to(acc.device), b.t.to(acc.device)
-                cond = {k: v.to(acc.device) for k, v in b.cond.items()}
-                loss, out_loss = self.objective.loss(step, (x, t, cond), teacher, student)
+                batch = self.calib.batch(step, c.batch_size, shard).to(acc.device)
+                loss, out_loss = self.objective.loss(step, batch, teacher, student)
                 if not torch.isfinite(loss):
                     where = (f"last good checkpoint: {self.ckpt} (step {history[-1]['step']})"
                              if history else "no checkpoint yet")

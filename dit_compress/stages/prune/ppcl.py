@@ -244,7 +244,7 @@ class ContiguousLayerObjective(Objective):
         self.handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
 
     def loss(self, step, batch, teacher, student):
-        x, t, cond = batch
+        x, t, cond = batch.x_t, batch.t, batch.cond
         with torch.no_grad():
             target = self.adapter.denoise(teacher, x, t, cond)
         pred, chain, outputs = student(x, t, cond, self.calls, self.schedule[step % len(self.schedule)])

@@ -1,0 +1,170 @@
+"""LiT and CLEAR: exact maths against quadratic references, linear cost, families, save/restore, export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+from torch.utils.flop_counter import FlopCounterMode
+
+from test_families import _loaded
+from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
+from dit_compress.core.stage import StageContext, get_stage
+from dit_compress.data.calibration import CalibrationSpec, build_calibration
+from dit_compress.errors import UnsupportedModelError
+from dit_compress.export.onnx import export_onnx
+from dit_compress.stages.attention.lit import LiTProcessor
+from dit_compress.stages.attention.local import local_attention
+
+
+def _attention(dim=32, heads=4):
+    torch.manual_seed(0)
+    return Attention(query_dim=dim, heads=heads, dim_head=dim // heads, bias=True).eval()
+
+
+def test_lit_is_relu_linear_attention_plus_local_conv():
+    """Against the quadratic form: O_i = sum_j (q_i . k_j) v_j / sum_j q_i . k_j, q = relu(Wq x)."""
+    attn, grid = _attention(), (4, 6)
+    proc = LiTProcessor(32, heads=2, grid=grid, kernel=5)
+    attn.set_processor(proc)
+    x = torch.randn(3, 24, 32)
+    with torch.no_grad():
+        got = attn(x)
+        q = torch.relu(attn.to_q(x)).view(3, 24, 2, 16).transpose(1, 2)
+        k = torch.relu(attn.to_k(x)).view(3, 24, 2, 16).transpose(1, 2)
+        v = attn.to_v(x)
+        scores = q @ k.transpose(-1, -2)                               # (b, h, n, n)
+        o = (scores / (scores.sum(-1, keepdim=True) + proc.eps)) @ v.view(3, 24, 2, 16).transpose(1, 2)
+        local = proc.dwc(v.transpose(1, 2).reshape(3, 32, *grid)).flatten(2).transpose(1, 2)
+        want = attn.to_out[0](o.transpose(1, 2).reshape(3, 24, 32) + local)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert "processor.dwc.weight" in dict(attn.named_parameters()), "LiT weights live in the state dict"
+
+
+def test_lit_cost_grows_linearly_with_tokens():
+    attn = _attention(dim=64)
+    flops = {}
+    for side in (16, 32):
+        attn.set_processor(LiTProcessor(64, heads=2, grid=(side, side)))
+        with FlopCounterMode(display=False) as c, torch.no_grad():
+            attn(torch.randn(1, side * side, 64))
+        flops["lit", side] = c.get_total_flops()
+    assert flops["lit", 32] / flops["lit", 16] == pytest.approx(4.0, rel=0.01), "4x tokens -> 4x work"
+    n = 32 * 32
+    assert flops["lit", 32] < (2 * 2 * n * n * 64) / 5, "below the QK^T and PV products of softmax attention alone"
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_lit_stage_on_family(family, tmp_path):
+    teacher = _loaded(family)
+    calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
+    stage = get_stage("lit")
+    cfg = stage.config_cls(heads=2, recover={"steps": 3, "batch_size": 8})
+    student, meta = stage.apply(copy.deepcopy(teacher.model), cfg, StageContext(teacher, calib, tmp_path / "w"))
+    assert len(meta["layers"]) == len(teacher.model.transformer_blocks)
+    assert all(isinstance(student.get_submodule(p).processor, LiTProcessor) for p in meta["layers"])
+    assert meta["training"]["steps"] == 3
+    x, t, cond = teacher.adapter.example_inputs(2)
+    adapter = teacher.with_model(student).adapter
+    with torch.no_grad():
+        before = adapter.denoise(student, x, t, cond)
+    assert torch.isfinite(before).all()
+    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}),
+                             [StageRecord("lit", cfg.model_dump(), meta)], "h")
+    restored = load_compressed(folder)
+    with torch.no_grad():
+        assert torch.equal(before, restored.adapter.denoise(restored.model, x, t, cond))
+    info = export_onnx(restored.model, restored.adapter, tmp_path / "lit.onnx", batch=2, atol=1e-4)
+    assert info["parity"]["max_abs_error"] <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lit_refuses_joint_attention(family, tmp_path):
+    teacher = _loaded(family)
+    stage = get_stage("lit")
+    with pytest.raises(UnsupportedModelError, match="joint text-image attention"):
+        stage.apply(copy.deepcopy(teacher.model), stage.config_cls(), StageContext(teacher, None, tmp_path))
+
+
+def test_calibration_batch_carries_the_task_target():
+    """The target the hybrid loss regresses is the one the batch was noised with: undoing the
+    noising with it gives back a clean latent from the teacher's pool."""
+    teacher = _loaded("dit")
+    calib = build_calibration(teacher, CalibrationSpec(num_samples=8, sampling_steps=2))
+    b = calib.batch(0, 4)
+    s = calib.schedule
+    if s.is_flow:
+        x0 = b.x_t - (b.t / s.num_train_timesteps).view(-1, 1, 1, 1) * b.target
+    else:
+        a = s.new_scheduler().alphas_cumprod[b.t.long()].view(-1, 1, 1, 1)
+        x0 = (b.x_t - (1 - a).sqrt() * b.target) / a.sqrt()
+    dist = (x0.flatten(1)[:, None] - calib.x0.flatten(1)[None]).abs().amax(-1).min(1).values
+    assert (dist < 1e-3).all(), dist
+
+
+def _dense_local(q, k, v, grid, radius, text_k=None, text_v=None):
+    """Quadratic reference: softmax over keys within `radius` on the grid (plus every text key)."""
+    ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+    near = torch.cdist(pos, pos) < radius
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~near, float("-inf"))
+    if text_k is None:
+        return scores.softmax(-1) @ v
+    both = torch.cat([scores, (q @ text_k.transpose(-1, -2)) / q.shape[-1] ** 0.5], -1).softmax(-1)
+    return both @ torch.cat([v, text_v], 2)
+
+
+@pytest.mark.parametrize("grid,radius,tile", [((5, 7), 3, 4), ((8, 8), 2, 8), ((6, 6), 8, 4)])
+def test_clear_neighbourhood_equals_masked_softmax(grid, radius, tile):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, grid[0] * grid[1], 8, generator=g) for _ in range(3))
+    assert torch.allclose(local_attention(q, k, v, grid, radius, tile), _dense_local(q, k, v, grid, radius), atol=1e-5)
+    tk, tv = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g)
+    assert torch.allclose(local_attention(q, k, v, grid, radius, tile, tk, tv),
+                          _dense_local(q, k, v, grid, radius, tk, tv), atol=1e-5)
+
+
+def test_clear_cost_grows_linearly_with_tokens():
+    flops = {}
+    for side in (32, 64):
+        q = torch.randn(1, 2, side * side, 16)
+        with FlopCounterMode(display=False) as c, torch.no_grad():
+            local_attention(q, q, q, (side, side), radius=4, tile=8)
+        flops[side] = c.get_total_flops()
+    assert flops[64] / flops[32] == pytest.approx(4.0, rel=0.01)
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3"])
+def test_clear_stage_on_family(family, tmp_path):
+    teacher = _loaded(family)
+    calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
+    stage = get_stage("clear")
+    cfg = stage.config_cls(radius=2, tile=2, recover={"steps": 3, "batch_size": 8})
+    student, meta = stage.apply(copy.deepcopy(teacher.model), cfg, StageContext(teacher, calib, tmp_path / "w"))
+    trained = meta["training"]["trainable_parameters"]
+    projections = sum(p.numel() for path in meta["layers"] for m in ("to_q", "to_k", "to_v", "to_out.0")
+                      for p in student.get_submodule(f"{path}.{m}").parameters())
+    assert trained == projections, "only the image stream's attention projections train"
+    x, t, cond = teacher.adapter.example_inputs(2)
+    adapter = teacher.with_model(student).adapter
+    with torch.no_grad():
+        before = adapter.denoise(student, x, t, cond)
+        dense = teacher.adapter.denoise(teacher.model, x, t, cond)
+    assert torch.isfinite(before).all() and not torch.allclose(before, dense), "attention is local now"
+    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}),
+                             [StageRecord("clear", cfg.model_dump(), meta)], "h")
+    restored = load_compressed(folder)
+    with torch.no_grad():
+        assert torch.equal(before, restored.adapter.denoise(restored.model, x, t, cond))
+    info = export_onnx(restored.model, restored.adapter, tmp_path / "clear.onnx", batch=2, atol=1e-4)
+    assert info["parity"]["max_abs_error"] <= 1e-4
+
+
+def test_clear_refuses_flux(tmp_path):
+    teacher = _loaded("flux")
+    stage = get_stage("clear")
+    with pytest.raises(UnsupportedModelError, match="flux is not supported"):
+        stage.apply(copy.deepcopy(teacher.model), stage.config_cls(), StageContext(teacher, None, tmp_path))
