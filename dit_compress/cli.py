@@ -184,10 +184,11 @@ def moe(model: str, segments: int, shared_segments: int, top_k: int, balance_wei
 
 @main.command()
 @click.argument("source")
-@click.option("--attention", type=click.Choice(["lit"]),
-              help="Replace SOURCE's (a MODEL's) self-attention by linear attention and distil it (LiT).")
-@click.option("--heads", type=int, default=2, show_default=True, help="Heads of the linear attention.")
-@click.option("--steps", type=int, help="Distillation steps [default: 300, or 2000 with --attention].")
+@click.option("--attention", type=click.Choice(["lit", "clear"]),
+              help="Replace SOURCE's (a MODEL's) attention by LiT linear or CLEAR local attention and distil it.")
+@click.option("--heads", type=int, default=2, show_default=True, help="LiT: heads of the linear attention.")
+@click.option("--radius", type=int, default=8, show_default=True, help="CLEAR: neighbourhood radius in tokens.")
+@click.option("--steps", type=int, help="Distillation steps [default: 300; LiT 2000; CLEAR 1500].")
 @click.option("--lr", type=float, help="Learning rate [default: 2e-4, or 5e-4 with --attention].")
 @click.option("--feature-weight", type=float, default=0.0, show_default=True)
 @click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
@@ -195,7 +196,7 @@ def moe(model: str, segments: int, shared_segments: int, top_k: int, balance_wei
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="New checkpoint folder, or the run folder with --attention.")
 @_errors
-def distill(source: str, attention: str | None, heads: int, steps: int | None, lr: float | None,
+def distill(source: str, attention: str | None, heads: int, radius: int, steps: int | None, lr: float | None,
             feature_weight: float, subfolder: str | None, overrides: tuple[str, ...], out: Path) -> None:
     """Continue distilling a compressed checkpoint SOURCE from its teacher (writes a new checkpoint),
     or with --attention convert a MODEL's attention and distil it (writes a run folder and report)."""
@@ -208,7 +209,11 @@ def distill(source: str, attention: str | None, heads: int, steps: int | None, l
     from .core.pipeline import run_recipe
     from .core.recipe import apply_overrides, parse_recipe
 
-    cfg = {"heads": heads, "recover": {"steps": steps or 2000, "lr": lr or 5e-4, "feature_weight": feature_weight}}
+    recover = {"steps": steps or {"lit": 2000, "clear": 1500}[attention], "lr": lr or 5e-4}
+    if attention == "lit":
+        cfg = {"heads": heads, "recover": {**recover, "feature_weight": feature_weight}}
+    else:
+        cfg = {"radius": radius, "recover": recover}
     raw = {"name": out.name, "model": {"source": source, "subfolder": subfolder}, "stages": [{attention: cfg}]}
     report = run_recipe(parse_recipe(apply_overrides(raw, list(overrides)), f"ditc distill --attention {attention}"),
                         out)
