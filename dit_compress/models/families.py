@@ -53,6 +53,11 @@ class FamilyAdapter(ABC):
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.latent_size, self.latent_size)
 
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image tokens the transformer blocks see (row-major order)."""
+        side = self.latent_size // int(self.config.get("patch_size") or 1)
+        return side, side
+
     @property
     def num_classes(self) -> int | None:
         """Number of class labels for class-conditional families, else None."""
@@ -182,6 +187,9 @@ class FluxAdapter(FamilyAdapter):
     def in_channels(self) -> int:
         return int(self.config["in_channels"]) // 4
 
+    def token_grid(self):
+        return self.latent_size // 2, self.latent_size // 2  # 2x2-packed latents
+
     def random_conditions(self, n, generator):
         cond = {
             "encoder_hidden_states": torch.randn(
@@ -246,6 +254,9 @@ class LabelConditionedAdapter(FamilyAdapter):
     @property
     def latent_size(self) -> int:
         return self.base.latent_size
+
+    def token_grid(self):
+        return self.base.token_grid()
 
     @property
     def num_classes(self) -> int:

@@ -17,7 +17,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """ReLU linear attention of q (B, h, n, d) over keys k / values v (B, h, m, d)."""
+    q, k = F.relu(q), F.relu(k)
+    kv = k.transpose(-1, -2) @ v                                    # (B, h, d, d): linear in tokens
+    norm = q @ k.sum(dim=2, keepdim=True).transpose(-1, -2)         # (B, h, n, 1)
+    return (q @ kv) / (norm + eps)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
 class LiTProcessor(nn.Module):
+    """Self-attention (DiT, PixArt attn1) as LiT."""
+
     def __init__(self, inner_dim: int, heads: int, grid: tuple[int, int], kernel: int = 5, eps: float = 1e-6):
         super().__init__()
         if inner_dim % heads:
@@ -27,20 +45,42 @@ class LiTProcessor(nn.Module):
         self.heads, self.grid, self.eps = heads, tuple(grid), eps
         self.dwc = nn.Conv2d(inner_dim, inner_dim, kernel, padding=kernel // 2, groups=inner_dim)
 
+    def local(self, v: torch.Tensor) -> torch.Tensor:
+        """Depthwise convolution of the value map (B, N, C) laid out on the token grid."""
+        b, n, c = v.shape
+        if n != self.grid[0] * self.grid[1]:
+            raise ValueError(f"LiT was built for a {self.grid[0]}x{self.grid[1]} token grid, got {n} tokens")
+        return self.dwc(v.transpose(1, 2).reshape(b, c, *self.grid)).flatten(2).transpose(1, 2)
+
     def forward(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
         if encoder_hidden_states is not None:
             raise ValueError("LiT replaces self-attention only; cross-attention keeps its softmax")
-        b, n, _ = hidden_states.shape
-        gh, gw = self.grid
-        if n != gh * gw:
-            raise ValueError(f"LiT was built for a {gh}x{gw} token grid ({gh * gw} tokens), got {n} tokens")
         v = attn.to_v(hidden_states)
-        heads = lambda z: z.view(b, n, self.heads, -1).transpose(1, 2)  # noqa: E731  (b, h, n, d)
-        q, k, vh = F.relu(heads(attn.to_q(hidden_states))), F.relu(heads(attn.to_k(hidden_states))), heads(v)
-        kv = k.transpose(-1, -2) @ vh                                   # (b, h, d, d): linear in n
-        norm = q @ k.sum(dim=2, keepdim=True).transpose(-1, -2)         # (b, h, n, 1)
-        out = (q @ kv) / (norm + self.eps)
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        local = self.dwc(v.transpose(1, 2).reshape(b, -1, gh, gw)).flatten(2).transpose(1, 2)
-        return attn.to_out[1](attn.to_out[0](out + local))
+        q, k = _heads(attn.to_q(hidden_states), self.heads), _heads(attn.to_k(hidden_states), self.heads)
+        out = _merge(linear_attention(q, k, _heads(v, self.heads), self.eps)) + self.local(v)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class LiTJointProcessor(LiTProcessor):
+    """Joint text-image attention (SD3, Flux) with its image part as LiT: image queries attend
+    linearly over image and text keys (plus the local convolution of the image values); text
+    queries keep the teacher's softmax over everything (few queries: linear in image tokens)."""
+
+    def __init__(self, family: str, inner_dim: int, heads: int, grid: tuple[int, int], kernel: int = 5,
+                 eps: float = 1e-6):
+        super().__init__(inner_dim, heads, grid, kernel, eps)
+        self.family = family
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                image_rotary_emb=None, **_):
+        from .joint import finish, project
+
+        (q, k, v), (tq, tk, tv) = project(self.family, attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                          self.grid)
+        keys, values = _merge(torch.cat([k, tk], 2)), _merge(torch.cat([v, tv], 2))
+        image = linear_attention(_heads(_merge(q), self.heads), _heads(keys, self.heads),
+                                 _heads(values, self.heads), self.eps)
+        image = _merge(image) + self.local(_merge(v))
+        text = F.scaled_dot_product_attention(tq, torch.cat([k, tk], 2), torch.cat([v, tv], 2)) if tq.shape[2] else tq
+        return finish(self.family, attn, image, _merge(text), encoder_hidden_states is not None)

@@ -107,25 +107,19 @@ class CLEARProcessor:
 
 
 class CLEARJointProcessor(CLEARProcessor):
-    """SD3 joint attention: image queries see the image neighbourhood and every text token; text
-    queries see everything (as in diffusers' JointAttnProcessor2_0 otherwise)."""
+    """Joint text-image attention (SD3, Flux): image queries see their neighbourhood and every
+    text token; text queries see everything, as in the family's own processor."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
-        h = attn.heads
-        q, k, v = (_Heads.split(f(hidden_states), h) for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is None:
-            return attn.to_out[1](attn.to_out[0](_Heads.merge(local_attention(q, k, v, self.grid, self.radius,
-                                                                               self.tile))))
-        tq, tk, tv = (_Heads.split(f(encoder_hidden_states), h) for f in (attn.add_q_proj, attn.add_k_proj,
-                                                                          attn.add_v_proj))
-        if attn.norm_added_q is not None:
-            tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
+    def __init__(self, family: str, grid: tuple[int, int], radius: int, tile: int):
+        super().__init__(grid, radius, tile)
+        self.family = family
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **_):
+        from .joint import finish, project
+
+        (q, k, v), (tq, tk, tv) = project(self.family, attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                          self.grid)
         image = local_attention(q, k, v, self.grid, self.radius, self.tile, text_k=tk, text_v=tv)
-        text = F.scaled_dot_product_attention(tq, torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2))
-        image, text = _Heads.merge(image), _Heads.merge(text)
-        if not attn.context_pre_only:
-            text = attn.to_add_out(text)
-        image = attn.to_out[1](attn.to_out[0](image))
-        return image, text  # the last SD3 block (context_pre_only) ignores its text output
+        text = F.scaled_dot_product_attention(tq, torch.cat([k, tk], 2), torch.cat([v, tv], 2)) if tq.shape[2] else tq
+        return finish(self.family, attn, _Heads.merge(image), _Heads.merge(text), encoder_hidden_states is not None)

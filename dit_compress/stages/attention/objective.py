@@ -56,15 +56,26 @@ class HybridObjective(OutputFeatureObjective):
 
 
 class _AttentionOutputs:
-    """The input of each converted attention's output projection: the attention output A."""
+    """The attention output A of each converted attention: its output projection's input, or the
+    attention's own output where the block projects it (Flux single-stream blocks)."""
 
     def __init__(self, model, paths: list[str]):
         self.values: dict[str, torch.Tensor] = {}
-        self.handles = [model.get_submodule(f"{p}.to_out.0").register_forward_pre_hook(self._hook(p)) for p in paths]
+        names = dict(model.named_modules())
+        self.handles = []
+        for p in paths:
+            projection = names.get(f"{p}.to_out.0")
+            self.handles.append(projection.register_forward_pre_hook(self._before(p)) if projection is not None
+                                else names[p].register_forward_hook(self._after(p)))
 
-    def _hook(self, path):
+    def _before(self, path):
         def hook(_module, args):
             self.values[path] = args[0]
+        return hook
+
+    def _after(self, path):
+        def hook(_module, _args, output):
+            self.values[path] = output
         return hook
 
     def close(self):

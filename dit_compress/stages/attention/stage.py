@@ -1,5 +1,7 @@
 """Attention stages: `lit` (linear attention, hybrid distillation) and `clear` (local attention,
-distilled on teacher samples)."""
+distilled on teacher samples). Both convert the image attention of every (or the chosen)
+block: self-attention in DiT/PixArt (cross-attention untouched), the image part of the joint
+text-image attention in SD3/Flux (both of Flux's block lists, counted in order)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from ...core.stage import Stage, StageContext
 from ...errors import UnsupportedModelError
 from ...train.distill import Distiller
 from .config import CLEARConfig, LiTConfig
-from .lit import LiTProcessor
+from .joint import JOINT_FAMILIES
+from .lit import LiTJointProcessor, LiTProcessor
 from .local import CLEARJointProcessor, CLEARProcessor
 from .objective import CLEARObjective, HybridObjective
 
@@ -20,58 +23,79 @@ log = logging.getLogger(__name__)
 SELF_ATTENTION_FAMILIES = ("dit", "pixart")
 
 
-def token_grid(model: nn.Module, latent_size: int) -> tuple[int, int]:
-    patch = int(model.config.patch_size)
-    return latent_size // patch, latent_size // patch
-
-
-def self_attentions(model: nn.Module, family: str, blocks: list[int] | None) -> dict[str, nn.Module]:
-    """{path: diffusers Attention} of the blocks' self-attention (`attn1`)."""
-    if family not in SELF_ATTENTION_FAMILIES:
-        raise UnsupportedModelError(
-            f"LiT converts self-attention of {'/'.join(SELF_ATTENTION_FAMILIES)} models; a {family} model's "
-            "joint text-image attention is not supported by LiT (use CLEAR)")
-    n = len(model.transformer_blocks)
-    chosen = list(range(n)) if blocks is None else blocks
-    bad = [i for i in chosen if not 0 <= i < n]
+def image_attentions(model: nn.Module, family: str, blocks: list[int] | None, stage: str) -> dict[str, nn.Module]:
+    """{path: attention module} the stage converts."""
+    if family in SELF_ATTENTION_FAMILIES:
+        paths = [f"transformer_blocks.{i}.attn1" for i in range(len(model.transformer_blocks))]
+    elif family in JOINT_FAMILIES:
+        paths = [f"transformer_blocks.{i}.attn" for i in range(len(model.transformer_blocks))]
+        paths += [f"single_transformer_blocks.{i}.attn"
+                  for i in range(len(getattr(model, "single_transformer_blocks", [])))]
+    else:
+        raise UnsupportedModelError(f"{stage} supports {'/'.join(SELF_ATTENTION_FAMILIES + JOINT_FAMILIES)} models; "
+                                    f"{family} is not supported")
+    chosen = list(range(len(paths))) if blocks is None else blocks
+    bad = [i for i in chosen if not 0 <= i < len(paths)]
     if bad:
-        raise UnsupportedModelError(f"lit.blocks: {bad} out of range; the model has {n} blocks")
+        raise UnsupportedModelError(f"{stage}.blocks: {bad} out of range; the model has {len(paths)} blocks")
     out = {}
     for i in chosen:
-        attn = model.transformer_blocks[i].attn1
-        if attn.is_cross_attention or getattr(attn, "norm_q", None) is not None:
-            raise UnsupportedModelError(f"transformer_blocks.{i}.attn1: LiT needs plain self-attention "
-                                        "(no cross-attention, no q/k norm)")
-        out[f"transformer_blocks.{i}.attn1"] = attn
+        attn, block = model.get_submodule(paths[i]), model.get_submodule(paths[i].rsplit(".", 1)[0])
+        if family in SELF_ATTENTION_FAMILIES and (attn.is_cross_attention or attn.norm_q is not None):
+            raise UnsupportedModelError(f"{paths[i]}: {stage} needs plain self-attention (no q/k norm)")
+        if getattr(block, "attn2", None) is not None and family in JOINT_FAMILIES:
+            raise UnsupportedModelError(f"{paths[i]}: SD3.5 dual attention is not supported by {stage}")
+        out[paths[i]] = attn
     return out
 
 
-def convert_(model: nn.Module, paths: list[str], heads: int, grid: tuple[int, int], kernel: int) -> None:
+def image_projections(model: nn.Module, paths: list[str]) -> list[nn.Module]:
+    """The image stream's Q/K/V/out projections (Flux single-stream blocks project in the block)."""
+    names = dict(model.named_modules())
+    return [names[f"{p}.{m}"] for p in paths for m in ("to_q", "to_k", "to_v", "to_out.0") if f"{p}.{m}" in names]
+
+
+def _install(model: nn.Module, paths: list[str], make) -> None:
     for path in paths:
         attn = model.get_submodule(path)
-        attn.set_processor(LiTProcessor(attn.to_q.out_features, heads, grid, kernel))
+        attn.set_processor(make(attn))
 
 
-class LiTStage(Stage):
-    name = "lit"
-    config_cls = LiTConfig
+def lit_(model, paths, family, heads, grid, kernel) -> None:
+    if family in SELF_ATTENTION_FAMILIES:
+        _install(model, paths, lambda a: LiTProcessor(a.to_q.out_features, heads, grid, kernel))
+    else:
+        _install(model, paths, lambda a: LiTJointProcessor(family, a.to_q.out_features, heads, grid, kernel))
 
+
+def clear_(model, paths, family, grid, radius, tile) -> None:
+    if family in SELF_ATTENTION_FAMILIES:
+        _install(model, paths, lambda a: CLEARProcessor(grid, radius, tile))
+    else:
+        _install(model, paths, lambda a: CLEARJointProcessor(family, grid, radius, tile))
+
+
+class _AttentionStage(Stage):
     def recovery(self, config):
-        return None  # hybrid distillation is part of the method: it runs in `apply`
+        return None  # the method's distillation runs in `apply`
 
     def is_stock(self, metadata):
         return False
 
+
+class LiTStage(_AttentionStage):
+    name = "lit"
+    config_cls = LiTConfig
+
     def apply(self, model, config: LiTConfig, ctx: StageContext):
         adapter = ctx.teacher.with_model(model).adapter
-        attns = self_attentions(model, adapter.family, config.blocks)
-        grid = token_grid(model, adapter.latent_size)
+        attns = image_attentions(model, adapter.family, config.blocks, "lit")
+        grid = adapter.token_grid()
         if not config.inherit_projections:  # LiT: attention weights start fresh, everything else inherited
-            for attn in attns.values():
-                for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
-                    lin.reset_parameters()
-        convert_(model, list(attns), config.heads, grid, config.kernel)
-        log.info("lit: %d self-attentions -> linear attention (%d heads, %dx%d grid, kernel %d)",
+            for lin in image_projections(model, list(attns)):
+                lin.reset_parameters()
+        lit_(model, list(attns), adapter.family, config.heads, grid, config.kernel)
+        log.info("lit: %d attentions -> linear attention (%d heads, %dx%d grid, kernel %d)",
                  len(attns), config.heads, *grid, config.kernel)
         blocks = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
         objective = HybridObjective(ctx.teacher.adapter, list(zip(blocks, blocks)), config.recover.feature_weight,
@@ -79,72 +103,43 @@ class LiTStage(Stage):
         training = Distiller(ctx.teacher.model, model, ctx.teacher.adapter, ctx.calibration, config.recover,
                              ctx.work_dir, desc="lit distill", objective=objective).run()
         model.eval().requires_grad_(False)
-        return model, {"layers": list(attns), "heads": config.heads, "grid": list(grid), "kernel": config.kernel,
-                       "inherited_projections": config.inherit_projections, "training": training}
+        return model, {"layers": list(attns), "family": adapter.family, "heads": config.heads, "grid": list(grid),
+                       "kernel": config.kernel, "inherited_projections": config.inherit_projections,
+                       "training": training}
 
     def restore(self, model, config, metadata, adapter):
-        convert_(model, metadata["layers"], metadata["heads"], tuple(metadata["grid"]), metadata["kernel"])
+        lit_(model, metadata["layers"], metadata["family"], metadata["heads"], tuple(metadata["grid"]),
+             metadata["kernel"])
         return model
 
 
-JOINT_FAMILIES = ("sd3",)
-
-
-def image_attentions(model: nn.Module, family: str, blocks: list[int] | None) -> dict[str, nn.Module]:
-    """{path: Attention} CLEAR converts: self-attention (DiT, PixArt) or joint attention (SD3)."""
-    if family in SELF_ATTENTION_FAMILIES:
-        return self_attentions(model, family, blocks)
-    if family not in JOINT_FAMILIES:
-        raise UnsupportedModelError(f"CLEAR supports {'/'.join(SELF_ATTENTION_FAMILIES + JOINT_FAMILIES)} models; "
-                                    f"{family} is not supported yet")
-    n = len(model.transformer_blocks)
-    chosen = list(range(n)) if blocks is None else blocks
-    bad = [i for i in chosen if not 0 <= i < n]
-    if bad:
-        raise UnsupportedModelError(f"clear.blocks: {bad} out of range; the model has {n} blocks")
-    for i in chosen:
-        if getattr(model.transformer_blocks[i], "attn2", None) is not None:
-            raise UnsupportedModelError(f"transformer_blocks.{i}: SD3.5 dual attention is not supported by CLEAR")
-    return {f"transformer_blocks.{i}.attn": model.transformer_blocks[i].attn for i in chosen}
-
-
-def localise_(model: nn.Module, paths: list[str], family: str, grid: tuple[int, int], radius: int, tile: int):
-    cls = CLEARJointProcessor if family in JOINT_FAMILIES else CLEARProcessor
-    for path in paths:
-        model.get_submodule(path).set_processor(cls(grid, radius, tile))
-
-
-class CLEARStage(Stage):
+class CLEARStage(_AttentionStage):
     name = "clear"
     config_cls = CLEARConfig
 
-    def recovery(self, config):
-        return None  # distillation with the attention-output loss is part of the method
-
-    def is_stock(self, metadata):
-        return False
-
     def apply(self, model, config: CLEARConfig, ctx: StageContext):
         adapter = ctx.teacher.with_model(model).adapter
-        attns = image_attentions(model, adapter.family, config.blocks)
-        grid = token_grid(model, adapter.latent_size)
-        localise_(model, list(attns), adapter.family, grid, config.radius, config.tile)
+        attns = image_attentions(model, adapter.family, config.blocks, "clear")
+        grid = adapter.token_grid()
+        clear_(model, list(attns), adapter.family, grid, config.radius, config.tile)
         log.info("clear: %d attentions -> local attention (radius %d on a %dx%d grid)", len(attns), config.radius,
                  *grid)
         recover = config.recover
         if recover.trainable == ["*"]:  # the paper trains the image stream's projections only
-            recover = recover.model_copy(update={"trainable": [f"{p}.{m}.*" for p in attns
-                                                               for m in ("to_q", "to_k", "to_v", "to_out.0")]})
+            names = {m: n for n, m in model.named_modules()}
+            recover = recover.model_copy(update={"trainable": [f"{names[m]}.*"
+                                                               for m in image_projections(model, list(attns))]})
         objective = CLEARObjective(ctx.teacher.adapter, list(attns), config.output_weight, config.attention_weight)
         training = Distiller(ctx.teacher.model, model, ctx.teacher.adapter, ctx.calibration, recover,
                              ctx.work_dir, desc="clear distill", objective=objective).run()
         model.eval().requires_grad_(False)
-        window = sum(1 for dy in range(-config.radius + 1, config.radius)
-                     for dx in range(-config.radius + 1, config.radius) if dy * dy + dx * dx < config.radius ** 2)
+        reach = range(-config.radius + 1, config.radius)
+        window = sum(1 for dy in reach for dx in reach if dy * dy + dx * dx < config.radius ** 2)
         return model, {"layers": list(attns), "family": adapter.family, "grid": list(grid), "radius": config.radius,
-                       "tile": config.tile, "keys_per_query": min(window, grid[0] * grid[1]), "training": training}
+                       "tile": config.tile, "image_keys_per_query": min(window, grid[0] * grid[1]),
+                       "training": training}
 
     def restore(self, model, config, metadata, adapter):
-        localise_(model, metadata["layers"], metadata["family"], tuple(metadata["grid"]), metadata["radius"],
-                  metadata["tile"])
+        clear_(model, metadata["layers"], metadata["family"], tuple(metadata["grid"]), metadata["radius"],
+               metadata["tile"])
         return model
