@@ -20,15 +20,16 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def macs_per_sample(model: nn.Module, adapter: FamilyAdapter, batch: int = 16) -> int:
-    """Multiply-accumulates per sample of one forward at `batch` (PyTorch's FLOP counter / 2).
+def macs_per_sample(model: nn.Module, adapter: FamilyAdapter, inputs: tuple | None = None, batch: int = 16) -> int:
+    """Multiply-accumulates per sample of one forward on `inputs` (x, t, cond), by default random
+    ones at `batch` (PyTorch's FLOP counter / 2).
 
     Not at batch 1: routed models (experts, blocks) do work that depends on how a batch's
     tokens and samples spread over the routes, and one sample is not a representative batch."""
-    x, t, cond = adapter.example_inputs(batch)
+    x, t, cond = inputs if inputs is not None else adapter.example_inputs(batch)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         adapter.denoise(model, x, t, cond)
-    return int(counter.get_total_flops() // 2 // batch)
+    return int(counter.get_total_flops() // 2 // x.shape[0])
 
 
 def time_calls(fn, repeats: int, warmup: int = 3) -> dict:
@@ -68,19 +69,20 @@ def torch_latency(model: nn.Module, adapter: FamilyAdapter, batch: int, repeats:
 
 
 @torch.no_grad()
-def paired_torch_latency(a, b, batch: int, repeats: int) -> tuple[dict, dict]:
-    """Latency of LoadedModels a and b on the same inputs, timed in alternation."""
-    x, t, cond = a.adapter.example_inputs(batch)
+def paired_torch_latency(a, b, batch: int, repeats: int, inputs: tuple | None = None) -> tuple[dict, dict]:
+    """Latency of LoadedModels a and b on the same inputs (x, t, cond), timed in alternation."""
+    x, t, cond = inputs if inputs is not None else a.adapter.example_inputs(batch)
     la, lb = paired_latency(lambda: a.adapter.denoise(a.model, x, t, cond),
                             lambda: b.adapter.denoise(b.model, x, t, cond), repeats)
     return {"batch": batch, **la}, {"batch": batch, **lb}
 
 
-def paired_onnx_latency(path_a, path_b, adapter: FamilyAdapter, batch: int, repeats: int) -> tuple[dict, dict]:
+def paired_onnx_latency(path_a, path_b, adapter: FamilyAdapter, batch: int, repeats: int,
+                        inputs: tuple | None = None) -> tuple[dict, dict]:
     from ..export.onnx import ort_feeds, ort_session
 
     sa, sb = ort_session(path_a), ort_session(path_b)
-    feeds = ort_feeds(*adapter.example_inputs(batch))
+    feeds = ort_feeds(*(inputs if inputs is not None else adapter.example_inputs(batch)))
     la, lb = paired_latency(lambda: sa.run(None, feeds), lambda: sb.run(None, feeds), repeats)
     return {"batch": batch, **la}, {"batch": batch, **lb}
 

@@ -117,18 +117,22 @@ class Evaluator:
              student_ckpt: str | None) -> dict:
         s = self.spec
         log.info("measuring cost: parameters, MACs, latency, memory")
+        # On noised teacher samples, as in deployment: routed students (experts, blocks) spread
+        # real inputs over their routes differently from random noise at random timesteps.
+        b = self.calib.batch(70_000_000, s.latency_batch)
+        inputs = (b.x_t, b.t, b.cond)
         out: dict = {}
         for who, m, ckpt in (("teacher", self.teacher, self.teacher_source()), ("student", student, student_ckpt)):
             out[who] = {"parameters": cost.count_parameters(m.model),
-                        "macs_per_sample": cost.macs_per_sample(m.model, m.adapter)}
+                        "macs_per_sample": cost.macs_per_sample(m.model, m.adapter, inputs)}
             if ckpt is not None:
                 out[who]["memory"] = cost.peak_memory(ckpt, s.memory_batch)
         # Latency: teacher and student timed in alternation, so the ratio survives load drift.
-        tt, ts = cost.paired_torch_latency(self.teacher, student, s.latency_batch, s.latency_repeats)
+        tt, ts = cost.paired_torch_latency(self.teacher, student, s.latency_batch, s.latency_repeats, inputs)
         out["teacher"]["torch_latency"], out["student"]["torch_latency"] = tt, ts
         if teacher_onnx is not None and student_onnx is not None:
             ot, os_ = cost.paired_onnx_latency(teacher_onnx, student_onnx, self.teacher.adapter, s.latency_batch,
-                                               s.latency_repeats)
+                                               s.latency_repeats, inputs)
             out["teacher"]["onnx_latency"], out["student"]["onnx_latency"] = ot, os_
         t, st = out["teacher"], out["student"]
         out["param_ratio"] = round(st["parameters"] / t["parameters"], 4)
