@@ -20,7 +20,7 @@ from dit_compress.sampling import DEFAULT_SCHEDULER
 
 def _loaded(family):
     model = tiny_model(family)
-    return LoadedModel(model, get_adapter(model, LATENT), dict(DEFAULT_SCHEDULER), f"tiny:{family}")
+    return LoadedModel(model, get_adapter(model, LATENT), dict(DEFAULT_SCHEDULER), f"tiny:{family}", latent_size=LATENT)
 
 
 def test_denoise_shape_and_finite(family):

@@ -42,7 +42,7 @@ def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
         "model_spec": model_spec,
         "class_name": teacher.class_name,
         "config": {k: v for k, v in dict(teacher.model.config).items() if not k.startswith("_")},
-        "latent_size": model_spec.get("latent_size"),
+        "latent_size": model_spec.get("latent_size") or teacher.latent_size,
         "scheduler_config": teacher.scheduler_config,
         "card": teacher.card,
     }

@@ -90,7 +90,7 @@ class LiTStage(_AttentionStage):
     def apply(self, model, config: LiTConfig, ctx: StageContext):
         adapter = ctx.teacher.with_model(model).adapter
         attns = image_attentions(model, adapter.family, config.blocks, "lit")
-        grid = adapter.token_grid()
+        grid = ctx.teacher.adapter.token_grid()
         if not config.inherit_projections:  # LiT: attention weights start fresh, everything else inherited
             for lin in image_projections(model, list(attns)):
                 lin.reset_parameters()
@@ -120,7 +120,7 @@ class CLEARStage(_AttentionStage):
     def apply(self, model, config: CLEARConfig, ctx: StageContext):
         adapter = ctx.teacher.with_model(model).adapter
         attns = image_attentions(model, adapter.family, config.blocks, "clear")
-        grid = adapter.token_grid()
+        grid = ctx.teacher.adapter.token_grid()
         clear_(model, list(attns), adapter.family, grid, config.radius, config.tile)
         log.info("clear: %d attentions -> local attention (radius %d on a %dx%d grid)", len(attns), config.radius,
                  *grid)
