@@ -9,6 +9,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import save_tiny
 from test_families import _loaded
 from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
 from dit_compress.core.stage import StageContext, get_stage
@@ -180,3 +181,19 @@ def test_clear_covering_the_grid_is_the_teacher(family):
     with torch.no_grad():
         assert torch.allclose(teacher.adapter.denoise(student, x, t, cond),
                               teacher.adapter.denoise(teacher.model, x, t, cond), atol=1e-5)
+
+
+def test_ditc_distill_attention_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from dit_compress.cli import main
+
+    save_tiny("dit", tmp_path / "teacher")
+    res = CliRunner().invoke(main, ["distill", str(tmp_path / "teacher"), "--attention", "clear", "--radius", "2",
+                                    "--steps", "2", "-o", str(tmp_path / "out"), "--set",
+                                    "evaluation.num_samples=10", "--set", "evaluation.compare_samples=4",
+                                    "--set", "evaluation.denoiser_samples=8", "--set", "evaluation.latency_repeats=3",
+                                    "--set", "calibration.num_samples=16", "--set", "calibration.sampling_steps=2"])
+    assert res.exit_code in (0, 1), res.output
+    assert "## Local attention (clear)" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "onnx" / "student.onnx").is_file()

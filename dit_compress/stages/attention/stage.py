@@ -107,6 +107,14 @@ class LiTStage(_AttentionStage):
                        "kernel": config.kernel, "inherited_projections": config.inherit_projections,
                        "training": training}
 
+    def report_lines(self, metadata, pictures):
+        g = metadata["grid"]
+        return ["", "## Linear attention (lit)", "",
+                f"{len(metadata['layers'])} attentions on a {g[0]}x{g[1]} token grid became ReLU linear attention with "
+                f"{metadata['heads']} heads and a {metadata['kernel']}x{metadata['kernel']} depthwise convolution of "
+                f"the values; Q/K/V/out {'inherited' if metadata['inherited_projections'] else 'started fresh'}, "
+                "every other weight inherited; hybrid distillation (task + teacher output)."]
+
     def restore(self, model, config, metadata, adapter):
         lit_(model, metadata["layers"], metadata["family"], metadata["heads"], tuple(metadata["grid"]),
              metadata["kernel"])
@@ -138,6 +146,15 @@ class CLEARStage(_AttentionStage):
         return model, {"layers": list(attns), "family": adapter.family, "grid": list(grid), "radius": config.radius,
                        "tile": config.tile, "image_keys_per_query": min(window, grid[0] * grid[1]),
                        "training": training}
+
+    def report_lines(self, metadata, pictures):
+        g = metadata["grid"]
+        return ["", "## Local attention (clear)", "",
+                f"{len(metadata['layers'])} attentions on a {g[0]}x{g[1]} token grid became local attention: an image "
+                f"token sees the image tokens closer than {metadata['radius']} ({metadata['image_keys_per_query']} "
+                f"of {g[0] * g[1]} at most) and every text token; computed in {metadata['tile']}x{metadata['tile']} "
+                "query tiles over their halo windows. Distilled with task + output + attention-output losses, "
+                "training the image stream's Q/K/V/out only."]
 
     def restore(self, model, config, metadata, adapter):
         clear_(model, metadata["layers"], metadata["family"], tuple(metadata["grid"]), metadata["radius"],
