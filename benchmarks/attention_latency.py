@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit_compress.evaluate.cost import _summary
+from dit_compress.evaluate.cost import alternating_latency
 from dit_compress.export.onnx import ort_session
 from dit_compress.stages.attention.lit import LiTProcessor
 from dit_compress.stages.attention.local import CLEARProcessor
@@ -42,16 +42,8 @@ def attention_layer(kind: str, width: int, heads: int, side: int, args):
 
 
 def timed(fns: dict, repeats: int) -> dict:
-    """Median ms of each callable, called in alternation after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1000)
-    return {k: _summary(v)["median_ms"] for k, v in times.items()}
+    """Median ms of each callable, timed in alternation after one warm-up call each."""
+    return {k: v["median_ms"] for k, v in alternating_latency(fns, repeats, warmup=1).items()}
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -159,10 +160,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"repeats": args.repeats, "threads": torch.get_num_threads(),
-              "command": "python benchmarks/moe_latency.py " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if k != "skip_model") + (" --skip-model" if args.skip_model else "")}
+    result = {"repeats": args.repeats, "threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
         result["layer"] = layer(args.tokens, args.repeats, Path(tmp))
         if not args.skip_model:

@@ -46,15 +46,22 @@ def time_calls(fn, repeats: int, warmup: int = 3) -> dict:
 
 def paired_latency(fn_a, fn_b, repeats: int, warmup: int = 3) -> tuple[dict, dict]:
     """`time_calls` for two callables in alternation, so load drift on a shared machine hits both alike."""
+    out = alternating_latency({"a": fn_a, "b": fn_b}, repeats, warmup)
+    return out["a"], out["b"]
+
+
+def alternating_latency(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    """{name: median/IQR summary} of callables timed in turn, round after round."""
     for _ in range(warmup):
-        fn_a(), fn_b()
-    times: tuple[list, list] = ([], [])
+        for fn in fns.values():
+            fn()
+    times: dict = {k: [] for k in fns}
     for _ in range(repeats):
-        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+        for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            out.append((time.perf_counter() - t0) * 1000)
-    return _summary(times[0]), _summary(times[1])
+            times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: _summary(v) for k, v in times.items()}
 
 
 def _summary(times_ms: list[float]) -> dict:
