@@ -101,11 +101,16 @@ class OutputFeatureObjective(Objective):
         self.t_cap = _Capture(teacher, [t for _, t in self.layer_map])
 
     def loss(self, step, batch, teacher, student):
+        _, out_loss = self.predictions(batch, teacher, student)
+        return out_loss + self.feature_loss(), out_loss
+
+    def predictions(self, batch: Batch, teacher: nn.Module, student: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student prediction, its MSE to the teacher's) on the batch; runs both models (and the hooks)."""
         x, t, cond = batch.x_t, batch.t, batch.cond
         with torch.no_grad():
             target = self.adapter.denoise(teacher, x, t, cond)
-        out_loss = torch.mean((self.adapter.denoise(student, x, t, cond) - target) ** 2)
-        return out_loss + self.feature_loss(), out_loss
+        pred = self.adapter.denoise(student, x, t, cond)
+        return pred, torch.mean((pred - target) ** 2)
 
     def feature_loss(self) -> torch.Tensor | float:
         """feature_weight x mean teacher-normalised MSE at the mapped layers of the last forward."""

@@ -38,11 +38,7 @@ class HybridObjective(OutputFeatureObjective):
         self.raw_t, self.raw_s = _RawOutput(teacher), _RawOutput(student)
 
     def loss(self, step, batch, teacher, student):
-        x, t, cond = batch.x_t, batch.t, batch.cond
-        with torch.no_grad():
-            target = self.adapter.denoise(teacher, x, t, cond)
-        pred = self.adapter.denoise(student, x, t, cond)
-        out_loss = torch.mean((pred - target) ** 2)
+        pred, out_loss = self.predictions(batch, teacher, student)
         loss = torch.mean((pred - batch.target) ** 2) + self.output_weight * out_loss
         c = pred.shape[1]
         if self.variance_weight > 0 and self.raw_s.value.shape[1] > c:
@@ -98,11 +94,7 @@ class CLEARObjective(OutputFeatureObjective):
         self.a_t, self.a_s = _AttentionOutputs(teacher, self.paths), _AttentionOutputs(student, self.paths)
 
     def loss(self, step, batch, teacher, student):
-        x, t, cond = batch.x_t, batch.t, batch.cond
-        with torch.no_grad():
-            target = self.adapter.denoise(teacher, x, t, cond)
-        pred = self.adapter.denoise(student, x, t, cond)
-        out_loss = torch.mean((pred - target) ** 2)
+        pred, out_loss = self.predictions(batch, teacher, student)
         attn = torch.stack([torch.mean((self.a_s.values[p] - self.a_t.values[p]) ** 2) for p in self.paths]).mean()
         loss = torch.mean((pred - batch.target) ** 2) + self.output_weight * out_loss + self.attention_weight * attn
         return loss, out_loss
