@@ -59,16 +59,14 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tup
     b, h, n, d = q.shape
     reach, window = radius - 1, tile + 2 * (radius - 1)
     ph, pw = -gh % tile, -gw % tile                                # pad the grid to whole tiles
-    qt = _tiles(q, grid, tile, tile, (0, pw, 0, ph))                # (B, h, L, T^2, d)
+    qt = _tiles(q * (1.0 / math.sqrt(d)), grid, tile, tile, (0, pw, 0, ph))  # (B, h, L, T^2, d), pre-scaled
     halo = (reach, reach + pw, reach, reach + ph)
     kt, vt = _tiles(k, grid, window, tile, halo), _tiles(v, grid, window, tile, halo)  # (B, h, L, W^2, d)
     inside = _tiles(torch.ones(1, 1, n, 1, device=q.device), grid, window, tile, halo)[0, 0, :, :, 0] > 0  # (L, W^2)
     keep = _disc(tile, radius).to(q.device)[None] & inside[:, None]  # (L, T^2, W^2)
-    scale = 1.0 / math.sqrt(d)
-    scores = (qt @ kt.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~keep, _MASKED)
+    scores = (qt @ kt.transpose(-1, -2)).masked_fill(~keep, _MASKED)
     if text_k is not None:
-        text_scores = torch.einsum("bhltd,bhsd->bhlts", qt, text_k) * scale
+        text_scores = torch.einsum("bhltd,bhsd->bhlts", qt, text_k)
         p = torch.cat([scores, text_scores], dim=-1).softmax(dim=-1)
         out = p[..., :window * window] @ vt + torch.einsum("bhlts,bhsd->bhltd", p[..., window * window:], text_v)
     else:
