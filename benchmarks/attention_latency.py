@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,18 @@ def timed(fns: dict, repeats: int) -> dict:
     return {k: v["median_ms"] for k, v in alternating_latency(fns, repeats, warmup=1).items()}
 
 
+def _row(tokens: int, torch_ms: dict, onnx_ms: dict, folder: Path, **extra) -> dict:
+    """One token count's timings with speedups over softmax; clears that count's graphs from `folder`."""
+    row = {"tokens": tokens, "torch_ms": torch_ms, "onnx_ms": onnx_ms, **extra,
+           "torch_speedup": {k: round(torch_ms["softmax"] / torch_ms[k], 2) for k in ("lit", "clear")},
+           "onnx_speedup": {k: round(onnx_ms["softmax"] / onnx_ms[k], 2) for k in ("lit", "clear")
+                            if "softmax" in onnx_ms}}
+    print(row, flush=True)
+    for p in folder.glob("*.onnx*"):
+        p.unlink()
+    return row
+
+
 @torch.no_grad()
 def layer_rows(args, folder: Path) -> list[dict]:
     rows = []
@@ -64,13 +75,7 @@ def layer_rows(args, folder: Path) -> list[dict]:
         repeats = args.repeats if tokens <= 4096 else max(2, args.repeats // 3)
         pt = timed({k: (lambda m=m: m(x)) for k, m in layers.items()}, repeats)
         ox = timed({k: (lambda s=s: s.run(None, {"x": x.numpy()})) for k, s in sessions.items()}, repeats)
-        row = {"tokens": side * side, "torch_ms": pt, "onnx_ms": ox, "onnx_parity": parity,
-               "torch_speedup": {k: round(pt["softmax"] / pt[k], 2) for k in ("lit", "clear")},
-               "onnx_speedup": {k: round(ox["softmax"] / ox[k], 2) for k in ("lit", "clear") if "softmax" in ox}}
-        rows.append(row)
-        print(row, flush=True)
-        for p in folder.glob("*.onnx*"):
-            p.unlink()
+        rows.append(_row(side * side, pt, ox, folder, onnx_parity=parity))
     return rows
 
 
@@ -109,13 +114,7 @@ def model_rows(args, folder: Path) -> list[dict]:
         pt = timed({k: (lambda m=m: adapter.denoise(m, x[:1], t[:1], {c: v[:1] for c, v in cond.items()}))
                     for k, m in models.items()}, max(2, args.repeats // 2))
         ox = timed({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, max(2, args.repeats // 2))
-        row = {"tokens": side * side, "torch_ms": pt, "onnx_ms": ox,
-               "torch_speedup": {k: round(pt["softmax"] / pt[k], 2) for k in ("lit", "clear")},
-               "onnx_speedup": {k: round(ox["softmax"] / ox[k], 2) for k in ("lit", "clear") if "softmax" in ox}}
-        rows.append(row)
-        print(row, flush=True)
-        for p in folder.glob("*.onnx*"):
-            p.unlink()
+        rows.append(_row(side * side, pt, ox, folder))
     return rows
 
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
-from ppcl_vs_baselines import _f, recipe_for, row
+from ppcl_vs_baselines import _f, add_budget_args, main_run, recipe_for, row
 
 from dit_compress.core.pipeline import load_teacher, run_recipe
 from dit_compress.core.recipe import parse_recipe
@@ -104,18 +103,8 @@ def main() -> None:
     p.add_argument("--teacher", default="zoo:digits-dit")
     p.add_argument("--out", default="exports/bench-moe")
     p.add_argument("--methods", nargs="+", default=["ppcl", "moe-mob", "moe"], choices=["ppcl", "moe", "moe-mob"])
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--calibration", type=int, default=512)
-    p.add_argument("--samples", type=int, default=500)
-    p.add_argument("--seeds", type=int, default=3)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(args)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"total {result['wall_seconds']:.0f} s")
-
+    add_budget_args(p)
+    main_run(run, p.parse_args())
 
 if __name__ == "__main__":
     main()

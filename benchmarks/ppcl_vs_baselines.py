@@ -158,13 +158,21 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--methods", nargs="+", default=["ppcl", "depth-last", "depth-even", "width-l2"],
                    choices=["ppcl", *BASELINES])
+    add_budget_args(p)
+    main_run(run, p.parse_args())
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """What every method of a side-by-side gets alike: recovery budget, calibration and evaluation."""
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--calibration", type=int, default=512)
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--seeds", type=int, default=3)
-    args = p.parse_args()
+
+
+def main_run(run, args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = run(args)
     print((Path(args.out) / "results.md").read_text())

@@ -54,3 +54,31 @@ def save_tiny(family: str, folder, seed: int = 0):
     model = tiny_model(family, seed)
     model.save_pretrained(folder / "transformer")
     return model
+
+
+# `--set` overrides that make a CLI run of the full pipeline take seconds.
+TINY_RUN = ["--set", "evaluation.num_samples=10", "--set", "evaluation.compare_samples=4",
+            "--set", "evaluation.denoiser_samples=8", "--set", "evaluation.latency_repeats=3",
+            "--set", "calibration.num_samples=16", "--set", "calibration.sampling_steps=2"]
+
+
+def check_round_trip(teacher, student, stage_name: str, cfg, meta: dict, tmp_path, batch: int = 2):
+    """A stage's student gives finite outputs, survives save -> restore unchanged and exports with
+    ONNX parity <= 1e-4. Returns (its outputs, the inputs they came from)."""
+    from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
+    from dit_compress.export.onnx import export_onnx
+
+    inputs = teacher.adapter.example_inputs(batch)
+    adapter = teacher.with_model(student).adapter
+    with torch.no_grad():
+        before = adapter.denoise(student, *inputs)
+    assert torch.isfinite(before).all()
+    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}),
+                             [StageRecord(stage_name, cfg.model_dump(), meta)], "h")
+    restored = load_compressed(folder)
+    with torch.no_grad():
+        assert torch.equal(before, restored.adapter.denoise(restored.model, *inputs)), \
+            f"{adapter.family}: save -> restore changed the outputs"
+    info = export_onnx(restored.model, restored.adapter, tmp_path / f"{stage_name}.onnx", batch=2, atol=1e-4)
+    assert info["parity"]["max_abs_error"] <= 1e-4
+    return before, inputs

@@ -9,13 +9,11 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import save_tiny
+from conftest import TINY_RUN, check_round_trip, save_tiny
 from test_families import _loaded
-from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
 from dit_compress.core.stage import StageContext, get_stage
 from dit_compress.data.calibration import CalibrationSpec, build_calibration
 from dit_compress.errors import UnsupportedModelError
-from dit_compress.export.onnx import export_onnx
 from dit_compress.stages.attention.lit import LiTProcessor
 from dit_compress.stages.attention.local import local_attention
 
@@ -68,18 +66,7 @@ def test_lit_stage_on_family(family, tmp_path):
     assert len(meta["layers"]) == blocks
     assert all(isinstance(student.get_submodule(p).processor, LiTProcessor) for p in meta["layers"])
     assert meta["training"]["steps"] == 3
-    x, t, cond = teacher.adapter.example_inputs(2)
-    adapter = teacher.with_model(student).adapter
-    with torch.no_grad():
-        before = adapter.denoise(student, x, t, cond)
-    assert torch.isfinite(before).all()
-    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}),
-                             [StageRecord("lit", cfg.model_dump(), meta)], "h")
-    restored = load_compressed(folder)
-    with torch.no_grad():
-        assert torch.equal(before, restored.adapter.denoise(restored.model, x, t, cond))
-    info = export_onnx(restored.model, restored.adapter, tmp_path / "lit.onnx", batch=2, atol=1e-4)
-    assert info["parity"]["max_abs_error"] <= 1e-4
+    check_round_trip(teacher, student, "lit", cfg, meta, tmp_path)
 
 
 @pytest.mark.parametrize("stage_name", ["lit", "clear"])
@@ -151,19 +138,9 @@ def test_clear_stage_on_family(family, tmp_path):
     projections = sum(p.numel() for path in meta["layers"] for m in ("to_q", "to_k", "to_v", "to_out.0")
                       if f"{path}.{m}" in modules for p in modules[f"{path}.{m}"].parameters())
     assert trained == projections, "only the image stream's attention projections train"
-    x, t, cond = teacher.adapter.example_inputs(2)
-    adapter = teacher.with_model(student).adapter
+    before, inputs = check_round_trip(teacher, student, "clear", cfg, meta, tmp_path)
     with torch.no_grad():
-        before = adapter.denoise(student, x, t, cond)
-        dense = teacher.adapter.denoise(teacher.model, x, t, cond)
-    assert torch.isfinite(before).all() and not torch.allclose(before, dense), "attention is local now"
-    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}),
-                             [StageRecord("clear", cfg.model_dump(), meta)], "h")
-    restored = load_compressed(folder)
-    with torch.no_grad():
-        assert torch.equal(before, restored.adapter.denoise(restored.model, x, t, cond))
-    info = export_onnx(restored.model, restored.adapter, tmp_path / "clear.onnx", batch=2, atol=1e-4)
-    assert info["parity"]["max_abs_error"] <= 1e-4
+        assert not torch.allclose(before, teacher.adapter.denoise(teacher.model, *inputs)), "attention is local now"
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
@@ -190,10 +167,7 @@ def test_ditc_distill_attention_cli(tmp_path):
 
     save_tiny("dit", tmp_path / "teacher")
     res = CliRunner().invoke(main, ["distill", str(tmp_path / "teacher"), "--attention", "clear", "--radius", "2",
-                                    "--steps", "2", "-o", str(tmp_path / "out"), "--set",
-                                    "evaluation.num_samples=10", "--set", "evaluation.compare_samples=4",
-                                    "--set", "evaluation.denoiser_samples=8", "--set", "evaluation.latency_repeats=3",
-                                    "--set", "calibration.num_samples=16", "--set", "calibration.sampling_steps=2"])
+                                    "--steps", "2", "-o", str(tmp_path / "out"), *TINY_RUN])
     assert res.exit_code in (0, 1), res.output
     assert "## Local attention (clear)" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "onnx" / "student.onnx").is_file()

@@ -8,13 +8,11 @@ import onnx
 import pytest
 import torch
 
-from conftest import save_tiny
+from conftest import TINY_RUN, check_round_trip, save_tiny
 from test_families import _loaded
-from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
 from dit_compress.core.stage import StageContext, get_stage
 from dit_compress.data.calibration import CalibrationSpec, build_calibration
 from dit_compress.errors import RecipeError, UnsupportedModelError
-from dit_compress.export.onnx import export_onnx
 from dit_compress.stages.moe.convert import balanced_groups, build_moe, dense_ffns, record_ffns, split_neurons
 from dit_compress.stages.moe.layer import MoEFeedForward
 from dit_compress.stages.moe.stage import moe_layers
@@ -98,19 +96,7 @@ def test_moe_stage_on_family(family, tmp_path):
     assert act["ffn_activated_ratio"] < 0.55  # 2 of 4 segments plus the router
     assert all(abs(sum(v) - 1) < 1e-3 for v in meta["expert_load"].values())
     assert meta["training"]["steps"] == 3
-    x, t, cond = teacher.adapter.example_inputs(2)
-    adapter = teacher.with_model(student).adapter
-    with torch.no_grad():
-        before = adapter.denoise(student, x, t, cond)
-    assert torch.isfinite(before).all()
-    rec = StageRecord("moe", cfg.model_dump(), meta)
-    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}), [rec], "h")
-    restored = load_compressed(folder)
-    with torch.no_grad():
-        after = restored.adapter.denoise(restored.model, x, t, cond)
-    assert torch.equal(before, after), f"{family}: save -> restore changed the outputs"
-    info = export_onnx(restored.model, restored.adapter, tmp_path / "moe.onnx", batch=2, atol=1e-4)
-    assert info["parity"]["max_abs_error"] <= 1e-4
+    check_round_trip(teacher, student, "moe", cfg, meta, tmp_path)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "moe.onnx")).graph.node}
     assert {"TopK", "ScatterElements"} <= ops, "the graph must gather tokens per expert, not run experts densely"
 
@@ -137,10 +123,7 @@ def test_ditc_moe_cli(tmp_path):
 
     save_tiny("dit", tmp_path / "teacher")
     res = CliRunner().invoke(main, ["moe", str(tmp_path / "teacher"), "--segments", "4", "--top-k", "1",
-                                    "--steps", "2", "-o", str(tmp_path / "out"), "--set",
-                                    "evaluation.num_samples=10", "--set", "evaluation.compare_samples=4",
-                                    "--set", "evaluation.denoiser_samples=8", "--set", "evaluation.latency_repeats=3",
-                                    "--set", "calibration.num_samples=16", "--set", "calibration.sampling_steps=2"])
+                                    "--steps", "2", "-o", str(tmp_path / "out"), *TINY_RUN])
     assert res.exit_code in (0, 1), res.output
     assert (tmp_path / "out" / "expert-load-stage0.png").is_file()
     assert "## Mixture of experts" in (tmp_path / "out" / "report.md").read_text()
@@ -168,18 +151,7 @@ def test_mixture_of_blocks(family, tmp_path):
     assert (tmp_path / pictures["block_activation"]).stat().st_size > 0
     assert any("Mixture of blocks" in line for line in stage.report_lines(meta, pictures))
     assert meta["activation"]["activated_parameters"] < sum(p.numel() for p in teacher.model.parameters()) * 0.8
-    x, t, cond = teacher.adapter.example_inputs(3)
-    adapter = teacher.with_model(student).adapter
-    with torch.no_grad():
-        before = adapter.denoise(student, x, t, cond)
-    assert torch.isfinite(before).all()
-    rec = StageRecord("moe", cfg.model_dump(), meta)
-    folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}), [rec], "h")
-    restored = load_compressed(folder)
-    with torch.no_grad():
-        assert torch.equal(before, restored.adapter.denoise(restored.model, x, t, cond))
-    info = export_onnx(restored.model, restored.adapter, tmp_path / "mob.onnx", batch=2, atol=1e-4)
-    assert info["parity"]["max_abs_error"] <= 1e-4
+    check_round_trip(teacher, student, "moe", cfg, meta, tmp_path, batch=3)
 
 
 def test_routed_block_skips_unchosen_samples():
