@@ -383,5 +383,127 @@ def zoo_train(out: Path | None, steps: int, seed: int, only: str | None) -> None
     click.echo(json.dumps(train_zoo(out or ZOO_DIR, steps=steps, seed=seed, only=only), indent=2))
 
 
+ADAPT_METHODS = ["td_lora", "diffscaler", "lora", "full"]
+
+
+@main.group()
+def adapter() -> None:
+    """Task adapters on a frozen model (TD-LoRA, DiffScaler, LoRA): train, sample, export."""
+
+
+@adapter.command("train")
+@click.argument("source")
+@click.option("--task", type=click.Choice(["faces", "photos"]), required=True,
+              help="New data: faces = scikit-image lfw_subset; photos = patches of its sample photos.")
+@click.option("--method", type=click.Choice(ADAPT_METHODS), default="td_lora", show_default=True)
+@click.option("--steps", type=int, default=800, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, help="Learning rate [default: 2e-3 for adapters, 1e-4 for full].")
+@click.option("--name", help="Adapter name [default: the task's].")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Folder: the adapter (or the full model), metrics.json and samples.png.")
+@_errors
+def adapter_train(source: str, task: str, method: str, steps: int, batch_size: int, lr: float | None,
+                  name: str | None, out: Path) -> None:
+    """Adapt SOURCE (a model or compressed checkpoint) to a new task; the base weights stay frozen."""
+    from .adapters.serve import task_samples
+    from .core.manifest import load_any
+    from .data.tasks import load_task
+    from .evaluate.report import save_image_rows
+    from .sampling import NoiseSchedule
+    from .train.finetune import FinetuneConfig, finetune, stored_bytes
+
+    loaded = load_any(source)
+    data = load_task(task)
+    result = finetune(loaded.model, loaded.adapter, NoiseSchedule(loaded.scheduler_config), data,
+                      FinetuneConfig(method, steps=steps, batch_size=batch_size, lr=lr), name)
+    name = name or task
+    metrics = {**result.metrics, "source": source, "data": data.source,
+               "stored_bytes": stored_bytes(result, out / (name if method != "full" else "model"))}
+    labels = torch_labels(data.num_classes, 10)
+    samples = task_samples(loaded.with_model(result.model), labels)
+    save_image_rows(out / "samples.png", [("held-out images", data.heldout_images[:10]),
+                                          (f"{method} samples", samples)], f"{task}: {method}, {steps} steps")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    click.echo(f"{task} {method}: held-out loss {metrics['heldout_loss_before']:.4f} -> {metrics['heldout_loss']:.4f}, "
+               f"{metrics['trainable_parameters']} trainable ({100 * metrics['trainable_fraction']:.2f} %), "
+               f"{metrics['stored_bytes'] / 1024:.0f} KiB stored; wrote {out}")
+
+
+def torch_labels(num_classes: int, n: int):
+    import torch
+
+    return torch.arange(n) % num_classes
+
+
+@adapter.command("sample")
+@click.argument("source")
+@click.option("--load", "folders", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Adapter folder, named after the folder (repeatable: one model, several tasks).")
+@click.option("--use", "active", help="The adapter that runs (required when several are loaded).")
+@click.option("--labels", help="Comma-separated task class labels [default: 0,1,...].")
+@click.option("-n", "--num", type=int, default=10, show_default=True)
+@click.option("--steps", type=int, help="Sampling steps (default: the model card's).")
+@click.option("--guidance", type=float, help="Guidance scale (default: the model card's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Image grid (.png).")
+@_errors
+def adapter_sample(source: str, folders: tuple[Path, ...], active: str | None, labels: str | None, num: int,
+                   steps: int | None, guidance: float | None, seed: int, out: Path) -> None:
+    """Sample SOURCE with task adapters loaded by folder and one of them switched on by name."""
+    import torch
+
+    from .adapters.serve import task_samples, with_adapters
+    from .core.manifest import load_any
+    from .evaluate.report import save_image_rows
+
+    loaded = with_adapters(load_any(source), list(folders), active)
+    config = loaded.model._ditc_adapters
+    active = active or next(iter(config))
+    n_classes = config[active].get("num_task_classes", 1)
+    lab = torch.tensor(_ints(labels, "--labels")) if labels else torch_labels(n_classes, num)
+    samples = task_samples(loaded, lab, steps, guidance, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_rows(out, [(f"{active}: labels {lab.tolist()}", samples)], f"{source} + adapter {active}",
+                    columns=len(lab))
+    click.echo(f"wrote {out} ({len(lab)} samples with adapter {active})")
+
+
+@adapter.command("export")
+@click.argument("source")
+@click.option("--load", "folders", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Adapter folder (repeatable).")
+@click.option("--use", "active", help="The adapter to export (required when several are loaded).")
+@click.option("--bake-steps", type=int,
+              help="TD-LoRA: merge the update per timestep of an N-step schedule (one graph per step) "
+                   "instead of keeping the low-rank path in one graph.")
+@click.option("--atol", type=float, default=1e-4, show_default=True)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output .onnx path, or a folder with --bake-steps.")
+@_errors
+def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, bake_steps: int | None, atol: float,
+                   out: Path) -> None:
+    """Export SOURCE with an adapter to ONNX, with the parity check."""
+    from .adapters.export import export_baked
+    from .adapters.serve import with_adapters
+    from .core.manifest import load_any
+    from .data.calibration import resolved_sampling
+    from .errors import AdapterError
+    from .export.artifact import deployment_card
+    from .export.onnx import export_onnx
+
+    loaded = with_adapters(load_any(source), list(folders), active)
+    card = deployment_card(loaded, *resolved_sampling(loaded, bake_steps, None))
+    if bake_steps:
+        if loaded.model._ditc_adapter_method != "td_lora":
+            raise AdapterError("--bake-steps applies to TD-LoRA adapters (the others have one fixed update)")
+        schedule = export_baked(loaded, out, bake_steps, atol, card)
+        worst = max(g["max_abs_error_vs_td_lora"] for g in schedule["graphs"])
+        click.echo(f"wrote {len(schedule['graphs'])} graphs to {out}: max abs error vs the TD-LoRA model {worst:.3g}")
+        return
+    info = export_onnx(loaded.model, loaded.adapter, out, atol=atol, card=card)
+    click.echo(f"wrote {out}: parity max abs error {info['parity']['max_abs_error']:.3g} (limit {atol:g})")
+
+
 if __name__ == "__main__":
     main()

@@ -31,3 +31,7 @@ class GateFailed(DitcError):
 
 class DeploymentUnsupported(DitcError):
     """A deployment target (precision, engine) has no implementation on this machine."""
+
+
+class AdapterError(DitcError, ValueError):
+    """An adapter (TD-LoRA, DiffScaler, LoRA) is misconfigured, missing, or does not fit the model."""

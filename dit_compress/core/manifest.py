@@ -49,6 +49,7 @@ def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
 
 
 CONDITIONER = "conditioner"
+ADAPTERS_KEY = "adapters"  # in a stage's metadata: adapters its recovery left on the model (TD-LoRA)
 
 
 def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[StageRecord],
@@ -73,7 +74,7 @@ def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[Sta
     if conditioner is not None:  # tiny, and it makes the checkpoint self-contained
         conditioner.save(tmp / CONDITIONER)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if all(get_stage(s.name).is_stock(s.metadata) for s in stages):
+    if all(get_stage(s.name).is_stock(s.metadata) and ADAPTERS_KEY not in s.metadata for s in stages):
         # Still a stock diffusers class: also a folder that plain `from_pretrained` loads.
         model.save_pretrained(tmp / "diffusers")
     if folder.exists():
@@ -112,6 +113,10 @@ def load_compressed(folder: str | Path) -> LoadedModel:
         config = stage.config_cls.model_validate(rec["config"])
         try:
             model = stage.restore(model, config, rec["metadata"], adapter)
+            if ADAPTERS_KEY in rec["metadata"]:
+                from ..adapters.store import reattach  # peft loads only for checkpoints that need it
+
+                model = reattach(model, rec["metadata"][ADAPTERS_KEY])
         except Exception as e:
             raise CheckpointError(f"{folder}: cannot replay stage {i} ({rec['name']}): {e}") from None
     load_weights_(model, folder / WEIGHTS, "the architecture replayed from the manifest")

@@ -26,9 +26,10 @@ from ..export.artifact import deployment_card
 from ..export.judge import judge_deployment
 from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
-from ..train.distill import DistillConfig, Distiller
+from ..train.distill import TD_LORA, DistillConfig, Distiller
 from ..errors import RecipeError
-from .manifest import MANIFEST, StageRecord, base_reference, load_compressed, read_manifest, save_compressed
+from .manifest import (ADAPTERS_KEY, MANIFEST, StageRecord, base_reference, load_compressed, read_manifest,
+                       save_compressed)
 from .recipe import Recipe, apply_overrides, parse_recipe
 from .stage import StageContext, get_stage
 
@@ -98,6 +99,10 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
                 teacher.model, model, teacher.adapter, calib, recover, ctx.work_dir,
                 layer_map=stage.layer_map(metadata), desc=f"recover {spec.name}").run()
             model.eval().requires_grad_(False)
+            if recover.trainable == [TD_LORA]:  # the manifest must rebuild the adapter before loading weights
+                from ..adapters.store import describe
+
+                metadata[ADAPTERS_KEY] = describe(model)
         records.append(StageRecord(spec.name, summary["config"], metadata))
         summaries.append(summary)
         save_compressed(done, model, base, records, recipe.hash,

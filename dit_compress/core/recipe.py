@@ -141,6 +141,11 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
             raise RecipeError(f"{where}: stages[{i}]: each stage is a one-key mapping `- NAME: {{config}}`")
         (name, cfg), = item.items()
         stages.append(StageSpec(name=name, config=parse_stage_config(name, cfg, f"{where}: stages[{i}].{name}")))
+    for i, spec in enumerate(stages[:-1]):
+        recover = getattr(spec.config, "recover", None)
+        if recover is not None and recover.trainable == ["td_lora"]:
+            raise RecipeError(f"{where}: stages[{i}].{spec.name}.recover.trainable: td_lora recovery leaves "
+                              "adapters on the model, so it must be the last stage's")
     if "model" not in data:
         raise RecipeError(f"{where}: model: missing (add `model: {{source: zoo:digits-dit}}`)")
     try:

@@ -191,3 +191,26 @@ def deployment_lines(d: dict) -> list[str]:
                   f"{_fmt(t['max_rel_error_vs_onnx'])}"]
     return lines
 
+
+
+def save_image_rows(path: Path, rows: list[tuple[str, torch.Tensor]], title: str, columns: int = 10) -> None:
+    """One labelled row of grayscale images per entry (e.g. real task images, then each method's samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.9, len(rows) * 1.05), squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < imgs.shape[0]:
+                img = imgs[c].clamp(-1, 1).add(1).div(2)
+                ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+            if c == 0:
+                ax.set_title(label, fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

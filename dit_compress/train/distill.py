@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -28,6 +28,11 @@ from ..core.stage import StageConfig
 from ..data.calibration import Batch, CalibrationSet
 from ..errors import DistillationDiverged
 from ..models.families import FamilyAdapter
+from .memory import saved_activation_bytes, training_memory
+
+
+TD_LORA = "td_lora"
+RECOVERY_ADAPTER = "recovery"  # the name of the TD-LoRA adapter that recovery trains
 
 
 class DistillConfig(StageConfig):
@@ -39,7 +44,22 @@ class DistillConfig(StageConfig):
     grad_clip: float = Field(1.0, gt=0)
     feature_weight: float = Field(0.0, ge=0, description="weight of hidden-state matching at mapped layers")
     trainable: list[str] = Field(default_factory=lambda: ["*"],
-                                 description="glob patterns over parameter names")
+                                 description="glob patterns over parameter names, or [td_lora]: train a "
+                                             "timestep-dynamic LoRA on the student instead of its weights")
+    td_lora: dict = Field(default_factory=dict, description="TD-LoRA config overrides for trainable: [td_lora]")
+
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _one_name(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _td_lora_alone(self):
+        if TD_LORA in self.trainable and self.trainable != [TD_LORA]:
+            raise ValueError(f"trainable: {TD_LORA} cannot be combined with other patterns")
+        if self.td_lora and self.trainable != [TD_LORA]:
+            raise ValueError("td_lora options given but trainable is not [td_lora]")
+        return self
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
 
@@ -148,6 +168,14 @@ class Distiller:
         self.ckpt = self.work_dir / "checkpoint"
         self.fingerprint = ""  # set in run(): config + what is trained + the objective
 
+    def _attach_td_lora(self) -> int:
+        from .. import adapters
+
+        if RECOVERY_ADAPTER not in adapters.adapter_names(self.student):
+            config = {**adapters.default_config(TD_LORA, self.student), **self.config.td_lora}
+            adapters.attach(self.student, TD_LORA, config, RECOVERY_ADAPTER)
+        return adapters.train_only(self.student, RECOVERY_ADAPTER)
+
     # -- checkpoints: safetensors + JSON, nothing pickled ------------------------------
     def _save(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, history: list) -> None:
         tmp = self.ckpt.with_name("checkpoint.tmp")
@@ -195,7 +223,10 @@ class Distiller:
         c = self.config
         acc = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(c.seed)
-        n_trainable = select_trainable_(self.student, c.trainable)
+        if c.trainable == [TD_LORA]:
+            n_trainable = self._attach_td_lora()
+        else:
+            n_trainable = select_trainable_(self.student, c.trainable)
         # A checkpoint resumes only the same run: same config, same trainable tensors, same objective.
         shapes = [(n, tuple(p.shape)) for n, p in self.student.named_parameters() if p.requires_grad]
         self.fingerprint = hashlib.sha256(
@@ -212,7 +243,7 @@ class Distiller:
             acc.print(f"resuming {self.desc} from step {start}")
         self.objective.attach(teacher, acc.unwrap_model(student))
         shard = (acc.process_index, acc.num_processes)
-        t0 = time.time()
+        t0, memory = time.time(), None
         bar = tqdm(range(start, c.steps), desc=self.desc, initial=start, total=c.steps,
                    disable=not acc.is_main_process, mininterval=2.0)
         try:
@@ -220,7 +251,12 @@ class Distiller:
                 for group in opt.param_groups:
                     group["lr"] = c.lr * self._lr_factor(step)
                 batch = self.calib.batch(step, c.batch_size, shard).to(acc.device)
-                loss, out_loss = self.objective.loss(step, batch, teacher, student)
+                if step == start:  # what this run's trainable set costs in memory, counted once
+                    saved, (loss, out_loss) = saved_activation_bytes(
+                        student, lambda: self.objective.loss(step, batch, teacher, student))
+                    memory = training_memory(acc.unwrap_model(student), saved)
+                else:
+                    loss, out_loss = self.objective.loss(step, batch, teacher, student)
                 if not torch.isfinite(loss):
                     where = (f"last good checkpoint: {self.ckpt} (step {history[-1]['step']})"
                              if history else "no checkpoint yet")
@@ -242,6 +278,6 @@ class Distiller:
             self.objective.close()
         acc.wait_for_everyone()
         return {"steps": c.steps, "resumed_from": start, "trainable_parameters": n_trainable,
-                "seconds": round(time.time() - t0, 1), "processes": acc.num_processes,
+                "seconds": round(time.time() - t0, 1), "processes": acc.num_processes, "training_memory": memory,
                 "final_output_mse": history[-1]["output_mse"] if history else None,
                 "history": history[::max(1, len(history) // 40)]}
