@@ -175,7 +175,7 @@ def test_td_lora_recovery_trains_only_the_adapter_and_restores_from_the_manifest
     check_round_trip(teacher, student, "prune", PruneConfig(method="depth", remove=[1, 2]), meta, tmp_path)
 
 
-def test_td_lora_recovery_must_be_the_last_stage():
+def test_td_lora_recovery_only_where_it_fits():
     from dit_compress.core.recipe import parse_recipe
 
     recipe = {"model": {"source": "zoo:digits-dit"}, "stages": [
@@ -183,6 +183,8 @@ def test_td_lora_recovery_must_be_the_last_stage():
         {"prune": {"method": "depth", "remove": [2]}}]}
     with pytest.raises(RecipeError, match=r"stages\[0\].prune.recover.trainable: td_lora"):
         parse_recipe(recipe)
+    with pytest.raises(RecipeError, match="moe trains new weights inside its method"):
+        parse_recipe({"model": {"source": "zoo:digits-dit"}, "stages": [{"moe": {"recover": {"trainable": "td_lora"}}}]})
     with pytest.raises(RecipeError, match="cannot be combined"):
         parse_recipe({"model": {"source": "zoo:digits-dit"}, "stages": [
             {"prune": {"method": "depth", "remove": [1], "recover": {"trainable": ["td_lora", "*"]}}}]})

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..data.calibration import CalibrationSpec
 from ..errors import RecipeError
-from .stage import StageConfig, format_validation_error, parse_stage_config
+from .stage import StageConfig, format_validation_error, get_stage, parse_stage_config
 
 
 class _Strict(BaseModel):
@@ -141,11 +141,16 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
             raise RecipeError(f"{where}: stages[{i}]: each stage is a one-key mapping `- NAME: {{config}}`")
         (name, cfg), = item.items()
         stages.append(StageSpec(name=name, config=parse_stage_config(name, cfg, f"{where}: stages[{i}].{name}")))
-    for i, spec in enumerate(stages[:-1]):
+    for i, spec in enumerate(stages):
         recover = getattr(spec.config, "recover", None)
-        if recover is not None and recover.trainable == ["td_lora"]:
-            raise RecipeError(f"{where}: stages[{i}].{spec.name}.recover.trainable: td_lora recovery leaves "
-                              "adapters on the model, so it must be the last stage's")
+        if recover is None or recover.trainable != ["td_lora"]:
+            continue
+        field = f"{where}: stages[{i}].{spec.name}.recover.trainable: td_lora"
+        if get_stage(spec.name).recovery(spec.config) is None:
+            raise RecipeError(f"{field}: {spec.name} trains new weights inside its method, which a TD-LoRA on "
+                              "frozen weights cannot; td_lora recovers depth and width pruning")
+        if i < len(stages) - 1:
+            raise RecipeError(f"{field}: the adapter stays on the model, so it must be the last stage's recovery")
     if "model" not in data:
         raise RecipeError(f"{where}: model: missing (add `model: {{source: zoo:digits-dit}}`)")
     try:

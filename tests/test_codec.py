@@ -1,0 +1,93 @@
+"""The codec's container and entropy coder: exact round trips and clear failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_compress.codec import entropy
+from dit_compress.codec.bitstream import Bitstream, BitstreamError
+
+
+def test_range_coding_round_trips_exactly_and_costs_about_the_model_bits():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 8, 8, generator=g) * 3
+    scales = torch.rand(4, 8, 8, generator=g) * 4 + 0.2
+    symbols = torch.round(means + scales * torch.randn(4, 8, 8, generator=g)).clamp(-40, 40).long()
+    data = entropy.encode(symbols, means, scales, bound=40)
+    assert torch.equal(entropy.decode(data, means, scales, bound=40), symbols)
+    m, s = entropy.snap_parameters(means, scales)
+    model_bits = entropy.gaussian_bits(symbols.double(), torch.from_numpy(m).view(means.shape),
+                                       torch.from_numpy(s).view(means.shape)).item()
+    assert model_bits <= 8 * len(data) <= model_bits * 1.02 + 64, "a real stream costs what the model says"
+
+
+def test_parameter_snapping_absorbs_float_noise():
+    g = torch.Generator().manual_seed(1)
+    means, scales = torch.randn(1000, generator=g), torch.rand(1000, generator=g) * 10 + 0.2
+    a = entropy.snap_parameters(means, scales)
+    b = entropy.snap_parameters(means + 1e-7, scales * (1 + 1e-7))
+    agree = (a[0] == b[0]).mean() * (a[1] == b[1]).mean()
+    assert agree > 0.99  # only values sitting exactly on a grid boundary may move
+
+
+def test_container_round_trip_and_every_kind_of_damage_is_named():
+    stream = Bitstream({"shape": [1, 64, 64], "model": "m", "lambda": 0.01}, (b"abcd" * 3, b"\x00\x01\x02\x03"))
+    raw = stream.to_bytes()
+    assert Bitstream.from_bytes(raw) == stream
+    with pytest.raises(BitstreamError, match="bad magic"):
+        Bitstream.from_bytes(b"JPEG" + raw[4:])
+    with pytest.raises(BitstreamError, match="truncated"):
+        Bitstream.from_bytes(raw[:-9])
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x10
+    with pytest.raises(BitstreamError, match="checksum|truncated|unexpected"):
+        Bitstream.from_bytes(bytes(flipped))
+    with pytest.raises(BitstreamError, match="version 9"):
+        Bitstream.from_bytes(raw[:4] + b"\x09" + raw[5:])
+
+
+@pytest.fixture(scope="module")
+def small_codec():
+    from dit_compress.codec.model import DiTCodec
+    from dit_compress.models.load import load_transformer
+
+    torch.manual_seed(0)
+    return DiTCodec(load_transformer("zoo:digits-dit").model, channels=8, hyper_channels=4, width=16).eval()
+
+
+def _photo(h=70, w=90):
+    from skimage.data import camera
+
+    return torch.from_numpy(camera()[:h, :w].astype("float32") / 127.5 - 1).unsqueeze(0)
+
+
+def test_encode_then_decode_reproduces_the_quantised_latents_exactly(small_codec):
+    from dit_compress.codec.files import compress, decompress
+
+    image = _photo()
+    data, q = compress(small_codec, image, "test", 0.01)
+    x_hat, read = decompress(small_codec, data)
+    assert torch.equal(read["z"], q["z"]) and torch.equal(read["y"], q["y"])
+    assert x_hat.shape == image.shape and torch.isfinite(x_hat).all()
+    again, _ = decompress(small_codec, data)
+    assert torch.equal(again, x_hat), "decoding is deterministic"
+
+
+def test_damaged_or_foreign_files_are_refused(small_codec):
+    import copy
+
+    from dit_compress.codec.files import compress, decompress
+
+    data, _ = compress(small_codec, _photo(64, 64), "test", 0.01)
+    with pytest.raises(BitstreamError, match="truncated"):
+        decompress(small_codec, data[: len(data) // 2])
+    bad = bytearray(data)
+    bad[-8] ^= 0xFF
+    with pytest.raises(BitstreamError, match="checksum"):
+        decompress(small_codec, bytes(bad))
+    other = copy.deepcopy(small_codec)
+    with torch.no_grad():
+        other.z_mean.add_(0.1)
+    with pytest.raises(BitstreamError, match="not by this one"):
+        decompress(other, data)
