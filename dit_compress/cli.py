@@ -505,5 +505,102 @@ def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, b
     click.echo(f"wrote {out}: parity max abs error {info['parity']['max_abs_error']:.3g} (limit {atol:g})")
 
 
+@main.group()
+def codec() -> None:
+    """DiT-IC image codec: train, encode files to bytes, decode them, evaluate against JPEG/WebP."""
+
+
+@codec.command("train")
+@click.option("--teacher", default="zoo:digits-dit", show_default=True, help="The DiT the decoder starts from.")
+@click.option("--lambda", "lams", type=float, multiple=True, required=True,
+              help="Rate weight (repeatable: one codec per value; larger = fewer bits).")
+@click.option("--steps", type=int, default=1500, show_default=True)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Folder; each codec goes to OUT/lambda-VALUE.")
+@_errors
+def codec_train(teacher: str, lams: tuple[float, ...], steps: int, out: Path) -> None:
+    """Train codecs on patches of scikit-image's photos (held-out photos are never used)."""
+    from .codec.store import save_codec
+    from .codec.train import CodecTrainConfig, train_codec
+    from .models.load import load_transformer
+
+    dit = load_transformer(teacher).model
+    for lam in lams:
+        model, info = train_codec(dit, CodecTrainConfig(lam=lam, steps=steps))
+        folder = save_codec(model, out / f"lambda-{lam:g}", teacher, lam, {"training": info})
+        last = info["history"][-1]
+        click.echo(f"wrote {folder}: training bpp {last['bpp']:.3f}, mse {last['mse']:.5f} ({info['seconds']:.0f} s)")
+
+
+def _read_gray(path: Path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        img = Image.open(path).convert("L")
+    except OSError as e:
+        from .errors import DitcError
+
+        raise DitcError(f"{path}: not an image Pillow can read ({e})") from None
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).unsqueeze(0)
+
+
+@codec.command("encode")
+@click.argument("codec_dir", type=click.Path(path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path, exists=True))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The .ditc file.")
+@_errors
+def codec_encode(codec_dir: Path, image: Path, out: Path) -> None:
+    """Compress IMAGE (converted to grayscale) to a .ditc file with the codec in CODEC_DIR."""
+    from .codec.files import compress
+    from .codec.store import load_codec
+
+    model, config = load_codec(codec_dir)
+    x = _read_gray(image)
+    data, _ = compress(model, x, str(codec_dir), config["lambda"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    click.echo(f"wrote {out}: {len(data)} bytes, {8 * len(data) / (x.shape[1] * x.shape[2]):.4f} bpp")
+
+
+@codec.command("decode")
+@click.argument("codec_dir", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path, exists=True))
+@click.option("--steps", type=int, default=1, show_default=True, help="DiT steps (the method is one).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Decoded image (.png).")
+@_errors
+def codec_decode(codec_dir: Path, file: Path, steps: int, out: Path) -> None:
+    """Decode a .ditc FILE with the codec that wrote it."""
+    import numpy as np
+    from PIL import Image
+
+    from .codec.files import decompress
+    from .codec.store import load_codec
+
+    model, _ = load_codec(codec_dir)
+    x_hat, _ = decompress(model, file.read_bytes(), str(file), steps=steps)
+    arr = ((x_hat[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode="L").save(out)
+    click.echo(f"wrote {out} ({arr.shape[1]}x{arr.shape[0]})")
+
+
+@codec.command("eval")
+@click.argument("codec_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@_errors
+def codec_eval(codec_dirs: tuple[Path, ...], out: Path) -> None:
+    """Rate-distortion of the codecs against JPEG and WebP on held-out photos (report.md, rd.png)."""
+    from .codec.evaluate import evaluate_codecs
+
+    report = evaluate_codecs(list(codec_dirs), out)
+    bd = report["bd_rate_vs_jpeg_percent"]
+    click.echo((out / "report.md").read_text())
+    click.echo(f"BD-rate vs JPEG: {'n/a' if bd is None else f'{bd:+.1f} %'}")
+
+
 if __name__ == "__main__":
     main()
