@@ -185,6 +185,9 @@ def test_td_lora_recovery_only_where_it_fits():
         parse_recipe(recipe)
     with pytest.raises(RecipeError, match="moe trains new weights inside its method"):
         parse_recipe({"model": {"source": "zoo:digits-dit"}, "stages": [{"moe": {"recover": {"trainable": "td_lora"}}}]})
+    with pytest.raises(RecipeError, match=r"td_lora: unknown option\(s\) \['rank'\]"):
+        parse_recipe({"model": {"source": "zoo:digits-dit"}, "stages": [
+            {"prune": {"method": "depth", "remove": [1], "recover": {"trainable": "td_lora", "td_lora": {"rank": 4}}}}]})
     with pytest.raises(RecipeError, match="cannot be combined"):
         parse_recipe({"model": {"source": "zoo:digits-dit"}, "stages": [
             {"prune": {"method": "depth", "remove": [1], "recover": {"trainable": ["td_lora", "*"]}}}]})

@@ -59,6 +59,14 @@ class DistillConfig(StageConfig):
             raise ValueError(f"trainable: {TD_LORA} cannot be combined with other patterns")
         if self.td_lora and self.trainable != [TD_LORA]:
             raise ValueError("td_lora options given but trainable is not [td_lora]")
+        if self.td_lora:
+            import dataclasses
+
+            from ..adapters.td_lora import TDLoraConfig
+
+            unknown = sorted(set(self.td_lora) - {f.name for f in dataclasses.fields(TDLoraConfig)})
+            if unknown:
+                raise ValueError(f"td_lora: unknown option(s) {unknown} (e.g. r, num_experts, lora_alpha)")
         return self
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
