@@ -68,6 +68,9 @@ def test_td_lora_baked_for_a_timestep_equals_the_adapter_at_that_timestep():
         torch.testing.assert_close(_out(m, baked, (x, tt, cond)), _out(m, model, (x, tt, cond)),
                                    atol=2e-5, rtol=1e-4)
     assert adapters.store.has_adapter_layers(model), "baking must not touch the adapted model"
+    layer = next(mod for mod in model.modules() if hasattr(mod, "tdlora_router"))
+    with pytest.raises(AdapterError, match="bake_timestep"):
+        layer.merge()
 
 
 @pytest.mark.parametrize("method", ["lora", "td_lora", "diffscaler"])

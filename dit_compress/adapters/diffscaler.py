@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from ..errors import AdapterError
+
 PREFIX = "diffscaler_"
 
 
@@ -52,7 +54,7 @@ class DiffScalerLayer(BaseTunerLayer):
         self.merged_adapters = []
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError("DiffScaler's ReLU branch cannot be merged into the frozen weight")
+        raise AdapterError("DiffScaler's ReLU branch cannot be merged into the frozen weight")
 
     def unmerge(self) -> None:
         pass

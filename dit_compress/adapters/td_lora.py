@@ -23,6 +23,8 @@ import torch.nn as nn
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from ..errors import AdapterError
+
 PREFIX = "tdlora_"
 
 
@@ -118,7 +120,7 @@ class TDLoraLinear(nn.Module, TDLoraLayer):
         return (b @ (g * a)) * self.scaling[adapter_name]
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError("TD-LoRA's update depends on the timestep, so it has no single merged weight; "
+        raise AdapterError("TD-LoRA's update depends on the timestep, so it has no single merged weight; "
                                   "use dit_compress.adapters.td_lora.bake_timestep for a fixed schedule")
 
     def unmerge(self) -> None:
