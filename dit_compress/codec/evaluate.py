@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..evaluate.metrics import psnr_ssim
 from .files import compress, decompress
 from .model import DiTCodec
 from .train import photo
@@ -29,9 +30,8 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) / 2).float()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((to_unit(a) - to_unit(b)) ** 2).item()
-    return 10 * math.log10(1 / max(mse, 1e-12))
+def psnr(decoded: torch.Tensor, image: torch.Tensor) -> float:
+    return psnr_ssim(image[None], decoded[None])[0]
 
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> float:

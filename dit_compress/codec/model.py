@@ -19,7 +19,6 @@ The paper's three alignment mechanisms:
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
@@ -153,8 +152,3 @@ def pad_to(x: torch.Tensor, multiple: int = TILE * HYPER) -> torch.Tensor:
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).item()
-    return 10 * math.log10(1 / max(mse, 1e-12))

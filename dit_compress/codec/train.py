@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..data.tasks import PHOTOS_TRAIN, _gray
+from ..data.tasks import PHOTOS_TRAIN, gray_photo
 from .model import DiTCodec
 
 
@@ -36,7 +36,7 @@ class CodecTrainConfig:
 
 def photo(name: str) -> torch.Tensor:
     """A whole scikit-image photo as (1, H, W) grayscale in [-1, 1]."""
-    return torch.from_numpy(_gray(name).astype(np.float32)).unsqueeze(0) * 2 - 1
+    return torch.from_numpy(gray_photo(name).astype(np.float32)).unsqueeze(0) * 2 - 1
 
 
 def random_patches(photos: list[torch.Tensor], n: int, size: int, g: torch.Generator) -> torch.Tensor:

@@ -58,7 +58,7 @@ def faces() -> TaskData:
                     "skimage.data.lfw_subset, stratified: 140 train, 20 validation, 40 held out")
 
 
-def _gray(name: str) -> np.ndarray:
+def gray_photo(name: str) -> np.ndarray:
     import skimage.data
     from skimage.color import rgb2gray
     from skimage.util import img_as_float
@@ -71,7 +71,7 @@ def _patches(names: tuple[str, ...], per_photo: int, seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     crops = []
     for name in names:
-        img = _gray(name)
+        img = gray_photo(name)
         ys = rng.integers(0, img.shape[0] - PATCH + 1, per_photo)
         xs = rng.integers(0, img.shape[1] - PATCH + 1, per_photo)
         crops += [img[y:y + PATCH, x:x + PATCH] for y, x in zip(ys, xs)]
