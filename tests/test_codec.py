@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -116,3 +118,13 @@ def test_cli_encodes_and_decodes_files_and_the_decoder_exports_with_parity(small
     assert res.exit_code == 2 and "bad.ditc" in res.output and not (tmp_path / "b.png").exists()
     info = export_decoder(small_codec, tmp_path / "decoder.onnx", _photo(64, 64))
     assert info["max_abs_error"] <= 1e-4
+
+
+def test_bd_rate_reads_equal_and_halved_bitrates():
+    from dit_compress.codec.evaluate import bd_rate
+
+    anchor = [{"bpp": b, "psnr": 20 + 6 * math.log2(b / 0.1)} for b in (0.1, 0.2, 0.4, 0.8)]
+    half = [{"bpp": p["bpp"] / 2, "psnr": p["psnr"]} for p in anchor]
+    assert abs(bd_rate(anchor, anchor)) < 1e-6
+    assert abs(bd_rate(anchor, half) + 50) < 1e-3
+    assert bd_rate(anchor, [{"bpp": 5, "psnr": 90}, {"bpp": 6, "psnr": 91}, {"bpp": 7, "psnr": 92}]) is None
