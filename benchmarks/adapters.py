@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ppcl_vs_baselines import _f
+
 from dit_compress.adapters.serve import task_samples
 from dit_compress.core.pipeline import load_teacher, run_recipe
 from dit_compress.core.recipe import parse_recipe
@@ -115,10 +117,6 @@ def run(args) -> dict:
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     write_table(out / "results.md", result)
     return result
-
-
-def _f(v, fmt="{:.3f}"):
-    return "-" if v is None else fmt.format(v)
 
 
 def write_table(path: Path, result: dict) -> None:
