@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ppcl_vs_baselines import _f
+from ppcl_vs_baselines import _f, main_run
 
 from dit_compress.adapters.serve import task_samples
 from dit_compress.core.pipeline import load_teacher, run_recipe
@@ -176,11 +176,7 @@ def main() -> None:
     p.add_argument("--calibration", type=int, default=512)
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--seeds", type=int, default=3)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(args)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"total {result['wall_seconds']:.0f} s")
+    main_run(run, p.parse_args())
 
 
 if __name__ == "__main__":

@@ -65,13 +65,17 @@ class DiffScalerLayer(BaseTunerLayer):
         return [a for a in self.active_adapters if a in self.diffscaler_scale or a in self.diffscaler_classes]
 
 
-class DiffScalerLinear(nn.Module, DiffScalerLayer):
+class _DiffScalerModule(nn.Module, DiffScalerLayer):
+    """Wraps one base layer; subclasses say how a task's parameters are made and applied."""
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DiffScalerConfig, **kwargs):
         super().__init__()
         DiffScalerLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+
+class DiffScalerLinear(_DiffScalerModule):
     def update_layer(self, adapter_name: str, config: DiffScalerConfig) -> None:
         base = self.get_base_layer()
         out_f, in_f, d = base.out_features, base.in_features, config.bottleneck
@@ -94,14 +98,8 @@ class DiffScalerLinear(nn.Module, DiffScalerLayer):
         return y
 
 
-class DiffScalerEmbedding(nn.Module, DiffScalerLayer):
+class DiffScalerEmbedding(_DiffScalerModule):
     """A class-label table whose first `num_task_classes` labels become the task's own rows."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DiffScalerConfig, **kwargs):
-        super().__init__()
-        DiffScalerLayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: DiffScalerConfig) -> None:
         base = self.get_base_layer()
