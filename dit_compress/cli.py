@@ -84,8 +84,7 @@ def run(recipe: Path, overrides: tuple[str, ...], out: Path | None) -> None:
     r = load_recipe(recipe, list(overrides))
     out = out or Path("exports") / r.name
     report = run_recipe(r, out)
-    _summary(report, out)
-    sys.exit(_print_gate(report))
+    _finish(report, out)
 
 
 def _figures(r: dict) -> str:
@@ -97,6 +96,15 @@ def _figures(r: dict) -> str:
     if "onnx_latency_ratio" in c:
         parts.append(f"ONNX latency x{c['onnx_latency_ratio']}")
     return ", ".join(parts)
+
+
+def _finish(report: dict | None, out: Path) -> None:
+    """Print the run's figures and exit with its gate's status (a non-main process of a
+    distributed launch has no report and exits quietly)."""
+    if report is None:
+        sys.exit(0)
+    _summary(report, out)
+    sys.exit(_print_gate(report))
 
 
 def _summary(report: dict, out: Path) -> None:
@@ -178,8 +186,7 @@ def moe(model: str, segments: int, shared_segments: int, top_k: int, balance_wei
     raw = {"name": out.name, "model": {"source": model, "subfolder": subfolder, "latent_size": latent_size},
            "stages": [{"moe": cfg}]}
     report = run_recipe(parse_recipe(apply_overrides(raw, list(overrides)), "ditc moe"), out)
-    _summary(report, out)
-    sys.exit(_print_gate(report))
+    _finish(report, out)
 
 
 @main.command()
@@ -217,8 +224,7 @@ def distill(source: str, attention: str | None, heads: int, radius: int, steps: 
     raw = {"name": out.name, "model": {"source": source, "subfolder": subfolder}, "stages": [{attention: cfg}]}
     report = run_recipe(parse_recipe(apply_overrides(raw, list(overrides)), f"ditc distill --attention {attention}"),
                         out)
-    _summary(report, out)
-    sys.exit(_print_gate(report))
+    _finish(report, out)
 
 
 PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]
@@ -332,8 +338,7 @@ def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path) -> None:
     from .core.pipeline import evaluate_checkpoint
 
     report = evaluate_checkpoint(checkpoint, out, list(overrides))
-    _summary(report, out)
-    sys.exit(_print_gate(report))
+    _finish(report, out)
 
 
 @main.command()

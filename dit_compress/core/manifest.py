@@ -98,17 +98,30 @@ def read_manifest(folder: Path) -> dict:
 
 def load_compressed(folder: str | Path) -> LoadedModel:
     """Rebuild a compressed model from its folder; outputs equal those before saving."""
+    from accelerate import init_empty_weights
+
     folder = Path(folder)
     manifest = read_manifest(folder)
     base = manifest["base"]
-    model = build_from_config({"_class_name": base["class_name"], **base["config"]})
     conditioner = None
     if (folder / CONDITIONER).is_dir():
         from ..models.conditioner import LabelConditioner
 
         conditioner = LabelConditioner.load(folder / CONDITIONER)
-    adapter = get_adapter(model, base.get("latent_size"), conditioner)
-    for i, rec in enumerate(manifest["stages"]):
+    # The architecture is built and replayed on the meta device and the saved tensors are then
+    # assigned to it: no random initialisation, and one copy of the weights in memory, not two.
+    with init_empty_weights():
+        model = build_from_config({"_class_name": base["class_name"], **base["config"]})
+        adapter = get_adapter(model, base.get("latent_size"), conditioner)
+        model = _replay_stages(model, manifest["stages"], adapter, folder)
+    load_weights_(model, folder / WEIGHTS, "the architecture replayed from the manifest", assign=True)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, adapter, base["scheduler_config"], f"compressed:{folder}", base.get("card") or {},
+                       base.get("latent_size"), conditioner)
+
+
+def _replay_stages(model: nn.Module, stages: list[dict], adapter, folder: Path) -> nn.Module:
+    for i, rec in enumerate(stages):
         stage = get_stage(rec["name"])
         config = stage.config_cls.model_validate(rec["config"])
         try:
@@ -119,10 +132,7 @@ def load_compressed(folder: str | Path) -> LoadedModel:
                 model = reattach(model, rec["metadata"][ADAPTERS_KEY])
         except Exception as e:
             raise CheckpointError(f"{folder}: cannot replay stage {i} ({rec['name']}): {e}") from None
-    load_weights_(model, folder / WEIGHTS, "the architecture replayed from the manifest")
-    model.eval().requires_grad_(False)
-    return LoadedModel(model, adapter, base["scheduler_config"], f"compressed:{folder}", base.get("card") or {},
-                       base.get("latent_size"), conditioner)
+    return model
 
 
 def load_any(source: str | Path, latent_size: int | None = None) -> LoadedModel:

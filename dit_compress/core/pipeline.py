@@ -28,6 +28,7 @@ from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
 from ..train.distill import TD_LORA, DistillConfig, Distiller
 from ..errors import RecipeError
+from .processes import process_state
 from .manifest import (ADAPTERS_KEY, MANIFEST, StageRecord, base_reference, load_compressed, read_manifest,
                        save_compressed)
 from .recipe import Recipe, apply_overrides, parse_recipe
@@ -50,7 +51,9 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
     """Apply each stage to a copy of the teacher, recovering after each; resumable per stage.
 
     Returns the student, the stage summaries, and the variants (other results of the last
-    stage, such as PPCL's other ratios) as checkpoint folders by label."""
+    stage, such as PPCL's other ratios) as checkpoint folders by label. Launched on several
+    processes, all of them apply the stages and only the main one writes."""
+    state = process_state()
     base = base_reference(teacher, recipe.model.model_dump())
     model = copy.deepcopy(teacher.model)
     records: list[StageRecord] = []
@@ -78,11 +81,14 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
 
         def save_variant(label: str, variant, metadata: dict, _prior=list(records), _name=spec.name,
                          _config=config_json) -> None:
+            if not state.is_main_process:
+                return
             variants[label] = save_compressed(
                 variant_dir / label, variant, base, [*_prior, StageRecord(_name, _config, metadata)], recipe.hash,
                 {"variant": label}, teacher.conditioner)
 
-        shutil.rmtree(variant_dir, ignore_errors=True)
+        if state.is_main_process:
+            shutil.rmtree(variant_dir, ignore_errors=True)
         ctx = StageContext(teacher=teacher, calibration=calib, work_dir=done.with_suffix(".work"),
                            save_variant=save_variant)
         model, metadata = stage.apply(model, spec.config, ctx)
@@ -105,8 +111,10 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
                 metadata[ADAPTERS_KEY] = describe(model)
         records.append(StageRecord(spec.name, summary["config"], metadata))
         summaries.append(summary)
-        save_compressed(done, model, base, records, recipe.hash,
-                        {"resume_key": _resume_key(recipe, i), "summaries": summaries}, teacher.conditioner)
+        if state.is_main_process:
+            save_compressed(done, model, base, records, recipe.hash,
+                            {"resume_key": _resume_key(recipe, i), "summaries": summaries}, teacher.conditioner)
+        state.wait_for_everyone()
     return teacher.with_model(model), summaries, variants
 
 
@@ -118,11 +126,13 @@ def _resume_key(recipe: Recipe, i: int) -> str:
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None = None, calib=None,
-               evaluator: Evaluator | None = None) -> dict:
-    """Run `recipe`, writing everything under `out_dir`; returns the report (with gate result).
+               evaluator: Evaluator | None = None) -> dict | None:
+    """Run `recipe`, writing everything under `out_dir`; returns the report (with gate result),
+    or None in a process other than the main one of a distributed launch.
 
     A caller comparing several recipes on one teacher (benchmarks) may pass the loaded teacher,
     its calibration set and an evaluator, so that all runs share data and teacher samples."""
+    state = process_state()
     teacher = teacher or load_teacher(recipe.model.model_dump())  # fails before anything is written
     out = Path(out_dir)
     work = out / ".work"
@@ -130,8 +140,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None 
     t_start = time.time()
     if calib is None:
         log.info("calibration: %d teacher samples", recipe.calibration.num_samples)
-        calib = build_calibration(teacher, recipe.calibration, work)
+        with state.main_process_first():  # the main process samples and caches; the others read the cache
+            calib = build_calibration(teacher, recipe.calibration, work)
     student, summaries, variants = run_stages(recipe, teacher, calib, work)
+    if not state.is_main_process:
+        return None  # export, evaluation and the report are the main process's
 
     base = base_reference(teacher, recipe.model.model_dump())
     records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
@@ -223,7 +236,9 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: 
     student = load_compressed(checkpoint)
     teacher = load_teacher(manifest["base"]["model_spec"])
     work = out.with_name(out.name + ".work")
-    calib = build_calibration(teacher, CalibrationSpec(), work)
+    state = process_state()
+    with state.main_process_first():
+        calib = build_calibration(teacher, CalibrationSpec(), work)
     records = [StageRecord(**r) for r in manifest["stages"]]
     layer_map = []
     if feature_weight > 0 and records:
@@ -232,6 +247,8 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: 
     config = DistillConfig(steps=steps, lr=lr, feature_weight=feature_weight)
     Distiller(teacher.model, student.model, teacher.adapter, calib, config, work, layer_map, "distill").run()
     student.model.eval().requires_grad_(False)
+    if not state.is_main_process:
+        return out
     carried = {k: manifest[k] for k in ("recipe", "summaries") if k in manifest}
     return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"), carried,
                            student.conditioner)
@@ -245,7 +262,7 @@ def analyse(model_spec: dict, out: str | Path, calibration: CalibrationSpec | No
     out = Path(out)
     (out / ".work").mkdir(parents=True, exist_ok=True)
     calib = build_calibration(teacher, calibration or CalibrationSpec(), out / ".work")
-    analysis = analyse_redundancy(teacher.model, teacher.adapter, calib)
+    analysis = analyse_redundancy(teacher.model, teacher.adapter, calib, folder=out / ".work" / "boundary-states")
     plot_analysis(analysis, out / "analysis.png")
     result = analysis.to_json()
     write_json(out / "analysis.json", {"model": model_spec, **result})

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..core.stage import StageConfig
 from ..models.load import LoadedModel
@@ -74,17 +76,10 @@ class CalibrationSet:
         x0, noise = self.x0[idx][sl], noise[sl]
         return Batch(self.schedule.add_noise(x0, noise, t[sl]), t[sl], cond, self.schedule.target(x0, noise))
 
-    def save(self, path: Path) -> None:
-        tensors = {"x0": self.x0, **{COND_PREFIX + k: v for k, v in self.cond.items()},
-                   **{NULL_PREFIX + k: v for k, v in self.null_cond.items()}}
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"seed": str(self.seed)})
-        tmp.replace(path)
-
     @classmethod
-    def load(cls, path: Path, schedule: NoiseSchedule, seed: int, uncond_fraction: float) -> "CalibrationSet":
-        t = load_file(str(path))
+    def from_shards(cls, shards: list[dict[str, torch.Tensor]], schedule: NoiseSchedule, seed: int,
+                    uncond_fraction: float) -> "CalibrationSet":
+        t = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
         cond = {k[len(COND_PREFIX):]: v for k, v in t.items() if k.startswith(COND_PREFIX)}
         null = {k[len(NULL_PREFIX):]: v for k, v in t.items() if k.startswith(NULL_PREFIX)}
         return cls(t["x0"], cond, null, schedule, seed, uncond_fraction)
@@ -95,15 +90,21 @@ def resolved_sampling(teacher: LoadedModel, steps: int | None, guidance: float |
     return int(steps or card.get("steps", 16)), float(guidance or card.get("guidance_scale", 1.0))
 
 
+# Tokens per sampling chunk: a chunk is also a cache shard, so a large model's pool is sampled
+# and cached a few samples at a time, and an interrupted calibration resumes at its next shard.
+SHARD_TOKENS = 65536
+
+
 def build_calibration(teacher: LoadedModel, spec: CalibrationSpec, cache_dir: Path | None = None) -> CalibrationSet:
-    """Sample the teacher's pool (cached in `cache_dir`, keyed by the spec)."""
+    """Sample the teacher's pool, cached in `cache_dir` as safetensors shards keyed by the spec.
+
+    Every draw comes from the spec's seed, so the pool is the same whether it is sampled in one
+    go, resumed after an interruption, or read back from the cache."""
     schedule = NoiseSchedule(teacher.scheduler_config)
     steps, guidance = resolved_sampling(teacher, spec.sampling_steps, spec.guidance_scale)
     key = hashlib.sha256(json.dumps([spec.model_dump(exclude={"uncond_fraction"}), teacher.source, steps, guidance],
                                     sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir / f"calibration-{key}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        return CalibrationSet.load(path, schedule, spec.seed, spec.uncond_fraction)
+    folder = cache_dir / f"calibration-{key}" if cache_dir else None
     adapter = teacher.adapter
     g = torch.Generator().manual_seed(spec.seed)
     cond = adapter.random_conditions(spec.num_samples, g)
@@ -111,9 +112,26 @@ def build_calibration(teacher: LoadedModel, spec: CalibrationSpec, cache_dir: Pa
         perm = torch.randperm(spec.num_samples, generator=g)
         cond["class_labels"] = (torch.arange(spec.num_samples) % adapter.num_classes)[perm]
     noise = torch.randn(spec.num_samples, *adapter.latent_shape(), generator=g)
-    x0 = sample_batched(teacher.model, adapter, schedule, cond, noise, steps, guidance, desc="calibration")
-    calib = CalibrationSet(x0, cond, adapter.null_conditions(cond), schedule, spec.seed, spec.uncond_fraction)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        calib.save(path)
-    return calib
+    null = adapter.null_conditions(cond)
+    chunk = max(1, min(256, SHARD_TOKENS // math.prod(adapter.token_grid())))
+    starts = range(0, spec.num_samples, chunk)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k, start in enumerate(tqdm(starts, desc="calibration", disable=len(starts) < 2, leave=False)):
+        rows = slice(start, start + chunk)
+        path = folder / f"shard-{k:05d}.safetensors" if folder is not None else None
+        if path is not None and path.is_file():
+            shards.append(load_file(str(path)))
+            continue
+        c = {name: v[rows] for name, v in cond.items()}
+        x0 = sample_batched(teacher.model, adapter, schedule, c, noise[rows], steps, guidance, batch_size=chunk,
+                            desc="calibration" if len(starts) == 1 else None)
+        shard = {"x0": x0, **{COND_PREFIX + name: v[rows] for name, v in cond.items()},
+                 **{NULL_PREFIX + name: v[rows] for name, v in null.items()}}
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            save_file({name: v.contiguous() for name, v in shard.items()}, str(tmp), metadata={"seed": str(spec.seed)})
+            tmp.replace(path)
+        shards.append(shard)
+    return CalibrationSet.from_shards(shards, schedule, spec.seed, spec.uncond_fraction)

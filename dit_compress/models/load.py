@@ -145,8 +145,11 @@ def _load_safetensors_file(path: Path, config: str | None) -> nn.Module:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read model config {cfg_path}: {e}") from None
-    model = _class_of(cfg, str(cfg_path)).from_config(cfg)
-    return load_weights_(model, path, f"its config {cfg_path}")
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # the file's tensors become the weights: one copy in memory
+        model = _class_of(cfg, str(cfg_path)).from_config(cfg)
+    return load_weights_(model, path, f"its config {cfg_path}", assign=True)
 
 
 def build_from_config(config: dict) -> nn.Module:

@@ -9,8 +9,10 @@ import torch.nn as nn
 from ..errors import CheckpointError
 
 
-def load_weights_(model: nn.Module, path: Path, against: str) -> nn.Module:
-    """Load a safetensors file into `model` strictly; errors name the file and what differs."""
+def load_weights_(model: nn.Module, path: Path, against: str, assign: bool = False) -> nn.Module:
+    """Load a safetensors file into `model` strictly; errors name the file and what differs.
+
+    `assign`: the file's tensors become the parameters (for a model built on the meta device)."""
     from safetensors.torch import load_file
 
     try:
@@ -19,7 +21,7 @@ def load_weights_(model: nn.Module, path: Path, against: str) -> nn.Module:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt weights ({str(e).splitlines()[0]})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match {against}: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")

@@ -3,8 +3,10 @@
 The default objective is MSE(student output, teacher output) + feature_weight * mean over
 mapped layers of the teacher-normalised MSE between hidden states; a stage may bring its own
 objective (PPCL's contiguous-layer distillation). The same code runs on one CPU, one GPU, or
-several processes under `accelerate launch` / `torchrun`: each process takes its shard of the
-global batch, and only the main process writes checkpoints.
+several processes under `accelerate launch` / `torchrun` (DDP): each process takes its shard of
+the global batch, gradients are averaged so that an update equals the one-process update on the
+whole batch, metrics are reduced over the global batch, and only the main process writes
+checkpoints.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def image_hidden(output) -> torch.Tensor:
     return output[-1] if isinstance(output, (tuple, list)) else output
 
 
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of MSE / the teacher's variance in that sample: scale-free across layers,
+    and a mean of per-sample terms, so that shards of a batch average to the whole batch's value."""
+    dims = tuple(range(1, teacher.dim()))
+    mse = torch.mean((student - teacher) ** 2, dim=dims)
+    return torch.mean(mse / (teacher.var(dim=dims) + 1e-6))
+
+
 class _Capture:
     """Forward hooks that keep the image hidden state of named modules."""
 
@@ -144,13 +154,26 @@ class OutputFeatureObjective(Objective):
         """feature_weight x mean teacher-normalised MSE at the mapped layers of the last forward."""
         if not self.layer_map:
             return 0.0
-        feat = [torch.mean((self.s_cap.values[s] - self.t_cap.values[t_]) ** 2)
-                / (self.t_cap.values[t_].var() + 1e-6) for s, t_ in self.layer_map]
+        feat = [normalised_mse(self.s_cap.values[s], self.t_cap.values[t_]) for s, t_ in self.layer_map]
         return self.feature_weight * torch.stack(feat).mean()
 
     def close(self):
         self.s_cap.close()
         self.t_cap.close()
+
+
+class _LossStep(nn.Module):
+    """The student with the objective as its forward, so that DDP's gradient hooks see every step,
+    including objectives that call blocks directly (PPCL's block losses, MoE experts)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, objective: Objective):
+        super().__init__()
+        self.student = student
+        self._frozen = (teacher, objective)  # not a submodule: DDP neither syncs nor buckets the teacher
+
+    def forward(self, step: int, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher, objective = self._frozen
+        return objective.loss(step, batch, teacher, self.student)
 
 
 def select_trainable_(model: nn.Module, patterns: list[str]) -> int:
@@ -227,9 +250,12 @@ class Distiller:
 
     def run(self) -> dict:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
         c = self.config
-        acc = Accelerator(cpu=not torch.cuda.is_available())
+        # Unused parameters are normal here: an MoE expert no token chose, a PPCL ratio not sampled this step.
+        acc = Accelerator(cpu=not torch.cuda.is_available(),
+                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         torch.manual_seed(c.seed)
         if c.trainable == [TD_LORA]:
             n_trainable = self._attach_td_lora()
@@ -244,13 +270,18 @@ class Distiller:
         # Eval mode: DiT label embeddings would drop labels in train mode; no stage uses dropout.
         self.student.eval()
         self.teacher.eval().requires_grad_(False)
-        student, opt = acc.prepare(self.student, opt)
         teacher = self.teacher.to(acc.device)
-        start, history = self._load(acc.unwrap_model(student), opt)
+        step_module, opt = acc.prepare(_LossStep(self.student, teacher, self.objective), opt)
+        student = acc.unwrap_model(step_module).student
+        start, history = self._load(student, opt)
         if start:
             acc.print(f"resuming {self.desc} from step {start}")
-        self.objective.attach(teacher, acc.unwrap_model(student))
-        shard = (acc.process_index, acc.num_processes)
+        self.objective.attach(teacher, student)
+        rank, world = acc.process_index, acc.num_processes
+        shard_size = (rank + 1) * c.batch_size // world - rank * c.batch_size // world
+        # DDP averages gradients over processes; weighting each shard's mean loss by its share of
+        # the global batch makes that average the gradient of the global batch's mean loss.
+        shard_weight = shard_size * world / c.batch_size
         t0, memory = time.time(), None
         bar = tqdm(range(start, c.steps), desc=self.desc, initial=start, total=c.steps,
                    disable=not acc.is_main_process, mininterval=2.0)
@@ -258,13 +289,12 @@ class Distiller:
             for step in bar:
                 for group in opt.param_groups:
                     group["lr"] = c.lr * self._lr_factor(step)
-                batch = self.calib.batch(step, c.batch_size, shard).to(acc.device)
+                batch = self.calib.batch(step, c.batch_size, (rank, world)).to(acc.device)
                 if step == start:  # what this run's trainable set costs in memory, counted once
-                    saved, (loss, out_loss) = saved_activation_bytes(
-                        student, lambda: self.objective.loss(step, batch, teacher, student))
-                    memory = training_memory(acc.unwrap_model(student), saved)
+                    saved, (loss, out_loss) = saved_activation_bytes(student, lambda: step_module(step, batch))
+                    memory = training_memory(student, saved)
                 else:
-                    loss, out_loss = self.objective.loss(step, batch, teacher, student)
+                    loss, out_loss = step_module(step, batch)
                 if not torch.isfinite(loss):
                     where = (f"last good checkpoint: {self.ckpt} (step {history[-1]['step']})"
                              if history else "no checkpoint yet")
@@ -272,20 +302,25 @@ class Distiller:
                         f"{self.desc}: loss became {loss.item()} at step {step}; {where}; "
                         f"lower the learning rate (lr={c.lr}) or the batch size")
                 opt.zero_grad(set_to_none=True)
-                acc.backward(loss)
+                acc.backward(loss * shard_weight)
                 acc.clip_grad_norm_(params, c.grad_clip)
                 opt.step()
                 if step % 10 == 0 or step == c.steps - 1:
-                    value = acc.gather(out_loss.detach().reshape(1)).mean().item()
+                    total = acc.reduce(out_loss.detach().reshape(1) * shard_size, "sum")
+                    value = total.item() / c.batch_size  # the global batch's mean, whatever the shards
                     history.append({"step": step, "output_mse": round(value, 6)})
                     bar.set_postfix(mse=f"{value:.4g}")
                 done = step + 1
                 if acc.is_main_process and (done % c.checkpoint_every == 0 or done == c.steps):
-                    self._save(done, acc.unwrap_model(student), opt, history)
+                    self._save(done, student, opt, history)
         finally:
             self.objective.close()
         acc.wait_for_everyone()
+        seconds = time.time() - t0
+        samples_per_s = (c.steps - start) * c.batch_size / max(seconds, 1e-9)
         return {"steps": c.steps, "resumed_from": start, "trainable_parameters": n_trainable,
-                "seconds": round(time.time() - t0, 1), "processes": acc.num_processes, "training_memory": memory,
+                "seconds": round(seconds, 1), "processes": world, "training_memory": memory,
+                "samples_per_second": round(samples_per_s, 2),
+                "tokens_per_second": round(samples_per_s * math.prod(self.adapter.token_grid()), 1),
                 "final_output_mse": history[-1]["output_mse"] if history else None,
                 "history": history[::max(1, len(history) // 40)]}

@@ -172,16 +172,15 @@ class MoEStage(Stage):
 
     def _mob(self, model, adapter, config: MoBConfig, ctx: StageContext) -> dict:
         """Step 3: wrap the blocks in a Mixture of Blocks and optimise it with the group feature loss."""
-        from ..prune.analysis import boundary_states
+        from ..prune.analysis import block_influence, hidden_width
 
         group = adapter.block_groups[0]
         blocks = getattr(model, group.attr)
         protected = {i for attr, i in adapter.protected_blocks(model) if attr == group.attr}
         routed = [i for i in range(len(blocks)) if i not in protected]
-        h = boundary_states(model, adapter, ctx.calibration, batches=2, max_tokens=None, first_batch=10_000_000)
-        influence = [float(1 - torch.cosine_similarity(h[i], h[i + 1], dim=-1).mean()) for i in range(len(blocks))]
+        influence = block_influence(model, adapter, ctx.calibration, batches=2)[:len(blocks)]
         record = {"attr": group.attr, "routed": routed, "group_size": config.group_size, "active": config.active,
-                  "dim": int(h[0].shape[-1])}
+                  "dim": hidden_width(model, adapter)}
         mob = wrap_blocks_(model, record)
         with torch.no_grad():  # start from each group's most influential blocks
             for k, router in enumerate(mob.routers):

@@ -16,6 +16,8 @@ across the whole interval, h_start -> h_end.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,47 +66,172 @@ class RedundancyAnalysis:
         return asdict(self)
 
 
+# Tokens one analysis forward may carry: full-size models at high resolution run calibration
+# batches in chunks, so that the forward's own activations stay bounded too.
+FORWARD_TOKENS = 16384
+
+
+class BoundaryStates(Sequence):
+    """Sampled image tokens at every block boundary h_0 (input of block 0) .. h_L, as (tokens, features).
+
+    With a folder, each calibration batch's samples go to a safetensors shard on disk as the
+    forward passes, and `h[i]` reads boundary i from every shard: an analysis holds the one or
+    two boundaries it compares (plus a small cache), never every layer's activations. Without a
+    folder the samples stay in memory. `order` puts sampled rows back in the order they were drawn."""
+
+    def __init__(self, count: int, shards: list, order: torch.Tensor | None, cache: int = 2):
+        self._count, self._shards, self._order = count, shards, order
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cache_size = cache
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._count))]
+        i = range(self._count)[i]
+        if i not in self._cache:
+            parts = [_read(shard, f"h{i}") for shard in self._shards]
+            h = torch.cat(parts).float()
+            if self._order is not None:
+                h = h[self._order]
+            if len(self._cache) >= self._cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = h
+        return self._cache[i]
+
+
+def _read(shard, key: str) -> torch.Tensor:
+    if isinstance(shard, dict):
+        return shard[key]
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _chunks(size: int, tokens_per_sample: int) -> list[slice]:
+    step = max(1, FORWARD_TOKENS // max(1, tokens_per_sample))
+    return [slice(a, min(size, a + step)) for a in range(0, size, step)]
+
+
 @torch.no_grad()
 def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, batches: int = 4,
-                    batch_size: int = 64, max_tokens: int | None = 8192,
-                    first_batch: int = 20_000_000) -> list[torch.Tensor]:
-    """Image hidden states (tokens, features) at every block boundary, on calibration batches.
+                    batch_size: int = 64, max_tokens: int | None = 8192, first_batch: int = 20_000_000,
+                    folder: Path | None = None) -> BoundaryStates:
+    """Image hidden states at every block boundary on calibration batches, `max_tokens` of them
+    drawn at random (seeded) across all batches; streamed to `folder` when given.
 
     Batch indices start at `first_batch`, far from the indices distillation trains on."""
+    from safetensors.torch import save_file
+
     blocks = [b for _, _, b in adapter.blocks(model)]
     states: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
+    draw: dict = {}  # which rows to keep, fixed once the first forward shows the tokens per sample
+    now: dict = {}  # the chunk being run: batch k, sample slice
+
+    def rows(h: torch.Tensor) -> torch.Tensor | slice:
+        if not draw:
+            per_sample = h.shape[1]
+            total = batches * batch_size * per_sample
+            draw.update(per_sample=per_sample, keep=None, order=None)
+            if max_tokens is not None and total > max_tokens:
+                keep = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:max_tokens]
+                # stored in row order; `order` puts them back in the order they were drawn
+                draw.update(keep=keep.sort().values, order=torch.argsort(torch.argsort(keep)))
+        if draw["keep"] is None:
+            return slice(None)
+        lo = (now["k"] * batch_size + now["rows"].start) * draw["per_sample"]
+        hi = lo + (now["rows"].stop - now["rows"].start) * draw["per_sample"]
+        keep = draw["keep"]
+        return keep[(keep >= lo) & (keep < hi)] - lo
 
     def pre(_m, args, kwargs):
-        states[0].append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).flatten(0, -2))
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        now["take"] = rows(h)
+        states[0].append(h.flatten(0, -2)[now["take"]].clone())
 
     def post(i):
         def hook(_m, _args, output):
-            states[i + 1].append(image_hidden(output).flatten(0, -2))
+            states[i + 1].append(image_hidden(output).flatten(0, -2)[now["take"]].clone())
         return hook
 
     handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
     handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+    shards: list = []
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     try:
         for k in range(batches):
             b = calib.batch(first_batch + k, batch_size)
-            adapter.denoise(model, b.x_t, b.t, b.cond)
+            for sl in _chunks(batch_size, math.prod(adapter.token_grid())):
+                now.update(k=k, rows=sl)
+                adapter.denoise(model, b.x_t[sl], b.t[sl], {c: v[sl] for c, v in b.cond.items()})
+            shard = {f"h{i}": torch.cat(s) for i, s in enumerate(states)}
+            for s in states:
+                s.clear()
+            if folder is not None:
+                path = folder / f"batch-{k:04d}.safetensors"
+                save_file({key: v.contiguous() for key, v in shard.items()}, str(path))
+                shard = path
+            shards.append(shard)
     finally:
         for h in handles:
             h.remove()
-    out = [torch.cat(s).float() for s in states]
-    if max_tokens is None or len(out[0]) <= max_tokens:
-        return out
-    g = torch.Generator().manual_seed(0)
-    keep = torch.randperm(len(out[0]), generator=g)[:max_tokens]
-    return [s[keep] for s in out]
+    return BoundaryStates(len(blocks) + 1, shards, draw.get("order"))
 
 
+@torch.no_grad()
 def block_influence(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
-                    batches: int = 4, batch_size: int = 64) -> list[float]:
+                    batches: int = 4, batch_size: int = 64, first_batch: int = 10_000_000) -> list[float]:
     """Block Influence (ShortGPT): 1 - mean token cosine(input, output) of each block's image
-    stream. A block whose output is nearly its input changes little and goes first."""
-    h = boundary_states(model, adapter, calib, batches, batch_size, max_tokens=None, first_batch=10_000_000)
-    return [float(1 - torch.cosine_similarity(h[i], h[i + 1], dim=-1).mean()) for i in range(len(h) - 1)]
+    stream. A block whose output is nearly its input changes little and goes first.
+
+    Accumulated as the forward passes, holding only the boundary just left behind."""
+    blocks = [b for _, _, b in adapter.blocks(model)]
+    sums, seen = torch.zeros(len(blocks), dtype=torch.float64), [0]
+    last: list[torch.Tensor] = []
+
+    def pre(_m, args, kwargs):
+        last[:] = [(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).flatten(0, -2).float()]
+        seen[0] += len(last[0])
+
+    def post(i):
+        def hook(_m, _args, output):
+            h = image_hidden(output).flatten(0, -2).float()
+            sums[i] += torch.cosine_similarity(last[0], h, dim=-1).double().sum()
+            last[0] = h
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
+    handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+    per_sample = math.prod(adapter.token_grid())  # an estimate, only to size the chunks
+    try:
+        for k in range(batches):
+            b = calib.batch(first_batch + k, batch_size)
+            for sl in _chunks(batch_size, per_sample):
+                adapter.denoise(model, b.x_t[sl], b.t[sl], {c: v[sl] for c, v in b.cond.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    return [float(1 - v / seen[0]) for v in sums]
+
+
+@torch.no_grad()
+def hidden_width(model: nn.Module, adapter: FamilyAdapter) -> int:
+    """Feature width of the image stream entering the first block (one forward of one example)."""
+    width: list[int] = []
+
+    def pre(_m, args, kwargs):
+        width.append(int((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[-1]))
+
+    handle = adapter.blocks(model)[0][2].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        adapter.denoise(model, *adapter.example_inputs(1))
+    finally:
+        handle.remove()
+    return width[0]
 
 
 def find_intervals(similarity: list[float], removable: list[bool], flat: float | None = None) -> list[list[int]]:
@@ -129,11 +256,13 @@ def find_intervals(similarity: list[float], removable: list[bool], flat: float |
 
 
 def analyse_redundancy(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
-                       batches: int = 4, batch_size: int = 64) -> RedundancyAnalysis:
-    return analyse_states(boundary_states(model, adapter, calib, batches, batch_size), model, adapter)
+                       batches: int = 4, batch_size: int = 64, folder: Path | None = None) -> RedundancyAnalysis:
+    """The analysis on calibration batches; with `folder`, boundary states stream through disk."""
+    states = boundary_states(model, adapter, calib, batches, batch_size, folder=folder)
+    return analyse_states(states, model, adapter)
 
 
-def analyse_states(h: list[torch.Tensor], model: nn.Module, adapter: FamilyAdapter) -> RedundancyAnalysis:
+def analyse_states(h: Sequence[torch.Tensor], model: nn.Module, adapter: FamilyAdapter) -> RedundancyAnalysis:
     """The analysis of boundary states `h` (from `boundary_states`) of `model`'s blocks."""
     names = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
     protected = {f"{g}.{i}" for g, i in adapter.protected_blocks(model)}

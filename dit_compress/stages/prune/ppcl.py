@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ import torch.nn as nn
 
 from ...errors import RecipeError
 from ...models.families import FamilyAdapter
-from ...train.distill import Objective
+from ...train.distill import Objective, normalised_mse
 from .analysis import probe_r2
 
 
@@ -60,7 +61,7 @@ class Interval:
         return [self.first, self.last, self.anchor]
 
 
-def interval_costs(states: list[torch.Tensor], groups: list[str], protected: set[int], max_len: int,
+def interval_costs(states: Sequence[torch.Tensor], groups: list[str], protected: set[int], max_len: int,
                    allowed: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], float]:
     """1 - held-out R² of a linear probe across each candidate run [a..b]."""
     L = len(groups)
@@ -103,7 +104,7 @@ def plan_removal(costs: dict[tuple[int, int], float], num_blocks: int, saves: in
     return sorted(runs)
 
 
-def make_plans(states: list[torch.Tensor], groups: list[str], protected: set[int], savings: list[int],
+def make_plans(states: Sequence[torch.Tensor], groups: list[str], protected: set[int], savings: list[int],
                max_len: int, allowed: list[tuple[int, int]] | None = None
                ) -> tuple[dict[int, list[Interval]], dict[tuple[int, int], float]]:
     """For each number of blocks to remove, the runs to collapse (with their anchors)."""
@@ -256,7 +257,7 @@ class ContiguousLayerObjective(Objective):
 
     def _nmse(self, output, teacher_block: int) -> torch.Tensor:
         """Teacher-normalised MSE over every stream (image, and text where the block has one)."""
-        return torch.stack([torch.mean((s - t) ** 2) / (t.var() + 1e-6)
+        return torch.stack([normalised_mse(s, t)
                             for s, t in zip(streams(output), streams(self.outs[teacher_block]))]).mean()
 
     def close(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import torch.nn as nn
 
@@ -192,10 +193,12 @@ class PruneStage(Stage):
                 raise RecipeError(f"prune.intervals: {bad[0]} is outside blocks 0..{len(names) - 1}")
             allowed = [tuple(iv) for iv in config.intervals]
         log.info("ppcl: probing %d blocks for redundant runs", len(names))
-        states = boundary_states(model, adapter, ctx.calibration)
+        shards = ctx.work_dir / "boundary-states"  # streamed through disk: one or two layers in memory at a time
+        states = boundary_states(model, adapter, ctx.calibration, folder=shards)
         plans, costs = make_plans(states, groups, protected, order, config.max_interval, allowed)
         analysis = analyse_states(states, model, adapter).to_json()
         del states
+        shutil.rmtree(shards, ignore_errors=True)
 
         width = config.width
         if width and (width.heads or width.ffn):
