@@ -6,7 +6,7 @@
 Every phase is timed and its peak resident memory recorded (VmHWM, reset before each phase),
 in the process a user would run it in:
 
-  setup      random weights from the published config, saved as a local diffusers folder
+  (set-up)   random weights from the published config, saved once as a local diffusers folder
   load       load_transformer: meta-device init + memory-mapped safetensors (low_cpu_mem_usage)
   calibrate  teacher samples, cached as safetensors shards
   analyse    PPCL's block-redundancy analysis, streamed block boundary by boundary through disk,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -68,13 +69,12 @@ def main_process(args) -> dict:
     out = Path(args.out) / args.config
     phase = Phases()
     folder = out / "teacher"
-    with phase("setup"):
-        if not (folder / "transformer" / "config.json").is_file():
-            config = dict(CONFIGS[args.config])
-            torch.manual_seed(0)
-            model = getattr(diffusers, config.pop("_class_name")).from_config(config)
-            model.save_pretrained(folder / "transformer")
-            del model
+    if not (folder / "transformer" / "config.json").is_file():  # set-up, not a toolchain phase
+        config = dict(CONFIGS[args.config])
+        torch.manual_seed(0)
+        model = getattr(diffusers, config.pop("_class_name")).from_config(config)
+        model.save_pretrained(folder / "transformer")
+        del model
     recipe = parse_recipe({
         "name": f"full-size-{args.config}",
         "model": {"source": str(folder), "subfolder": "transformer", "latent_size": args.latent_size},
@@ -100,6 +100,7 @@ def main_process(args) -> dict:
         removed = sorted(i for iv in plans[saves] for i in iv.blocks() if i != iv.anchor)
         boundary_mb = states[0].numel() * 4 / 2 ** 20
         del states
+        shutil.rmtree(work / "boundary-states")
     recipe = parse_recipe({**recipe.to_dict(), "stages": [
         {"prune": {"method": "depth", "remove": removed, "recover": None}},
         {"prune": {"method": "width", "ratio": args.width, "width": {"importance": "l2"},
@@ -108,15 +109,17 @@ def main_process(args) -> dict:
     ]}, "full-size")
     with phase("prune"):
         student, summaries, _ = run_stages(recipe, teacher, calib, work)
+    base = base_reference(teacher, recipe.model.model_dump())  # restore replays the stages on the teacher's config
     del teacher  # the rest is the student's
     with phase("save"):
         records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
-        ckpt = save_compressed(out / "checkpoint", student.model, base_reference(student, recipe.model.model_dump()),
-                               records, recipe.hash, {"summaries": summaries}, student.conditioner)
+        ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
+                               {"summaries": summaries}, student.conditioner)
     x, t, cond = student.adapter.example_inputs(2)
     with torch.no_grad():
         y = student.adapter.denoise(student.model, x, t, cond)
-    save_file({"x": x, "t": t, "y": y, **{f"cond.{k}": v for k, v in cond.items()}}, str(out / "reference.safetensors"))
+    reference = {"x": x, "t": t, "y": y, **{f"cond.{k}": v for k, v in cond.items()}}
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(out / "reference.safetensors"))
     recovery = summaries[-1]["recovery"]
     return {"config": args.config, "class_name": type(student.model).__name__, "teacher_parameters": params,
             "student_parameters": sum(p.numel() for p in student.model.parameters()),
@@ -188,6 +191,9 @@ def markdown(r: dict, argv: str) -> str:
              f"kept]), then width pruning of {r['width_ratio']:.0%} of the parameters, then {rec['steps']} TD-LoRA "
              f"recovery steps. Latent {r['latent_size']}x{r['latent_size']}, {r['text_tokens']} text tokens, "
              f"{r['calibration_samples']} calibration samples.", "",
+             "Peak RSS is the process's resident peak during the phase (VmHWM, reset before each). `load` "
+             "memory-maps the safetensors, so the teacher's pages count from the first forward that reads them "
+             "(calibrate).", "",
              "| phase | process | time (s) | peak RSS (GB) |", "|---|---|---|---|"]
     process = {"restore": "fresh", "export": "fresh (same as restore)", "ort": "fresh"}
     for name, row in r["phases"].items():

@@ -17,6 +17,7 @@ across the whole interval, h_start -> h_end.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,24 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     y = y - y.mean(0, keepdim=True)
     cross = (y.T @ x).norm() ** 2
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()).clamp_min(1e-12))
+
+
+def cka_matrix(h: Sequence[torch.Tensor]) -> list[list[float]]:
+    """Linear CKA between every pair of boundaries: each boundary's self-similarity norm once,
+    each cross term once (the matrix is symmetric), two boundaries in memory at a time."""
+    n = len(h)
+
+    def centred(i):
+        return h[i] - h[i].mean(0, keepdim=True)
+
+    self_norm = [float((centred(i).T @ centred(i)).norm()) for i in range(n)]
+    m = [[1.0] * n for _ in range(n)]
+    for i in range(n):
+        x = centred(i)
+        for j in range(i + 1, n):
+            cross = float((centred(j).T @ x).norm() ** 2)
+            m[i][j] = m[j][i] = cross / max(self_norm[i] * self_norm[j], 1e-12)
+    return m
 
 
 def probe_r2(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> float:
@@ -91,7 +110,9 @@ class BoundaryStates(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._count))]
         i = range(self._count)[i]
-        if i not in self._cache:
+        if i in self._cache:
+            self._cache[i] = self._cache.pop(i)  # most recently used last
+        else:
             parts = [_read(shard, f"h{i}") for shard in self._shards]
             h = torch.cat(parts).float()
             if self._order is not None:
@@ -259,7 +280,10 @@ def analyse_redundancy(model: nn.Module, adapter: FamilyAdapter, calib: Calibrat
                        batches: int = 4, batch_size: int = 64, folder: Path | None = None) -> RedundancyAnalysis:
     """The analysis on calibration batches; with `folder`, boundary states stream through disk."""
     states = boundary_states(model, adapter, calib, batches, batch_size, folder=folder)
-    return analyse_states(states, model, adapter)
+    analysis = analyse_states(states, model, adapter)
+    if folder is not None:
+        shutil.rmtree(folder)
+    return analysis
 
 
 def analyse_states(h: Sequence[torch.Tensor], model: nn.Module, adapter: FamilyAdapter) -> RedundancyAnalysis:
@@ -271,7 +295,7 @@ def analyse_states(h: Sequence[torch.Tensor], model: nn.Module, adapter: FamilyA
     cosine = [float(torch.cosine_similarity(h[i], h[i + 1], dim=-1).mean()) for i in range(L)]
     cka = [linear_cka(h[i], h[i + 1]) for i in range(L)]
     r2 = [probe_r2(h[i], h[i + 1]) for i in range(L)]
-    matrix = [[linear_cka(h[i], h[j]) if i != j else 1.0 for j in range(L + 1)] for i in range(L + 1)]
+    matrix = cka_matrix(h)
     intervals = []
     for run in find_intervals(cka, removable):
         a, b = run[0], run[-1]
