@@ -28,28 +28,22 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from full_size_export import CONFIGS, peak_rss_gb
+from full_size_export import CONFIGS
+
+from dit_compress.core.phases import PhaseMeter
 
 
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
-class Phases:
-    def __init__(self):
-        self.rows: dict[str, dict] = {}
+class Phases(PhaseMeter):
+    """The library's phase meter, printing each phase as it starts and ends (long runs)."""
 
     @contextmanager
     def __call__(self, name: str):
-        reset_peak()
-        t0 = time.time()
         print(f"[{name}] ...", flush=True)
-        yield
-        self.rows[name] = {"seconds": round(time.time() - t0, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
+        with super().__call__(name):
+            yield
         print(f"[{name}] {self.rows[name]}", flush=True)
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from dit_compress.core.phases import peak_rss_gb
+
 CONFIGS = {
     # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
     "sd3-medium": {
@@ -38,14 +40,6 @@ CONFIGS = {
         "use_additional_conditions": None,
     },
 }
-
-
-def peak_rss_gb() -> float:
-    """This address space's peak resident memory (VmHWM; ru_maxrss would carry the parent's over exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024 ** 2  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def export(args) -> dict:

@@ -52,6 +52,14 @@ def test_run_writes_every_artifact_and_fails_gate(run_dir):
     assert report["quality"]["outputs_finite"]
     assert 0.4 < report["cost"]["param_ratio"] < 0.9
     assert report["stages"][0]["metadata"]["removed"] == [1, 2]
+    phases = report["phases"]  # time and peak memory of each phase, in the report
+    for name in ("calibration", "stage 0 prune: apply", "stage 0 prune: recovery", "ONNX export + parity",
+                 "evaluation", "deployment variants"):
+        assert phases[name]["seconds"] >= 0 and phases[name]["peak_rss_gb"] > 0.1, name
+    recovery = report["stages"][0]["recovery"]
+    assert recovery["processes"] == 1 and recovery["samples_per_second"] > 0
+    assert recovery["tokens_per_second"] == pytest.approx(recovery["samples_per_second"] * 16, rel=0.01)
+    assert "## Run: time and memory" in (out / "report.md").read_text()
 
 
 def test_deployment_variants_are_judged(run_dir):

@@ -28,7 +28,8 @@ from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
 from ..train.distill import TD_LORA, DistillConfig, Distiller
 from ..errors import RecipeError
-from .processes import process_state
+from .phases import PhaseMeter
+from .processes import process_local, process_state
 from .manifest import (ADAPTERS_KEY, MANIFEST, StageRecord, base_reference, load_compressed, read_manifest,
                        save_compressed)
 from .recipe import Recipe, apply_overrides, parse_recipe
@@ -46,7 +47,7 @@ def _stage_dir(work: Path, i: int, name: str) -> Path:
     return work / f"stage{i}-{name}"
 
 
-def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
+def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path, meter: PhaseMeter | None = None
                ) -> tuple[LoadedModel, list[dict], dict[str, Path]]:
     """Apply each stage to a copy of the teacher, recovering after each; resumable per stage.
 
@@ -54,8 +55,10 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
     stage, such as PPCL's other ratios) as checkpoint folders by label. Launched on several
     processes, all of them apply the stages and only the main one writes."""
     state = process_state()
+    meter = meter or PhaseMeter()
     base = base_reference(teacher, recipe.model.model_dump())
-    model = copy.deepcopy(teacher.model)
+    with meter("student copy"):
+        model = copy.deepcopy(teacher.model)
     records: list[StageRecord] = []
     summaries: list[dict] = []
     variants: dict[str, Path] = {}
@@ -69,7 +72,8 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
         variants = {}
         if (done / MANIFEST).is_file() and read_manifest(done).get("resume_key") == _resume_key(recipe, i):
             log.info("stage %d (%s): already done, restoring from %s", i, spec.name, done)
-            model = load_compressed(done).model
+            with meter(f"stage {i} {spec.name}: restored"):
+                model = load_compressed(done).model
             manifest = read_manifest(done)
             records = [StageRecord(**r) for r in manifest["stages"]]
             summaries = manifest["summaries"]
@@ -91,7 +95,8 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
             shutil.rmtree(variant_dir, ignore_errors=True)
         ctx = StageContext(teacher=teacher, calibration=calib, work_dir=done.with_suffix(".work"),
                            save_variant=save_variant)
-        model, metadata = stage.apply(model, spec.config, ctx)
+        with meter(f"stage {i} {spec.name}: apply"):
+            model, metadata = stage.apply(model, spec.config, ctx)
         training = metadata.pop("training", None)  # a stage that distils as part of its method
         summary = {"name": spec.name, "config": config_json, "metadata": metadata,
                    "apply_seconds": round(time.time() - t0, 2)}
@@ -101,9 +106,10 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
         if recover is not None:
             log.info("stage %d (%s): recovering by distillation (%d steps)", i, spec.name, recover.steps)
             model.requires_grad_(True)
-            summary["recovery"] = Distiller(
-                teacher.model, model, teacher.adapter, calib, recover, ctx.work_dir,
-                layer_map=stage.layer_map(metadata), desc=f"recover {spec.name}").run()
+            with meter(f"stage {i} {spec.name}: recovery"):
+                summary["recovery"] = Distiller(
+                    teacher.model, model, teacher.adapter, calib, recover, ctx.work_dir,
+                    layer_map=stage.layer_map(metadata), desc=f"recover {spec.name}").run()
             model.eval().requires_grad_(False)
             if recover.trainable == [TD_LORA]:  # the manifest must rebuild the adapter before loading weights
                 from ..adapters.store import describe
@@ -112,8 +118,9 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path
         records.append(StageRecord(spec.name, summary["config"], metadata))
         summaries.append(summary)
         if state.is_main_process:
-            save_compressed(done, model, base, records, recipe.hash,
-                            {"resume_key": _resume_key(recipe, i), "summaries": summaries}, teacher.conditioner)
+            with meter("checkpoints"):
+                save_compressed(done, model, base, records, recipe.hash,
+                                {"resume_key": _resume_key(recipe, i), "summaries": summaries}, teacher.conditioner)
         state.wait_for_everyone()
     return teacher.with_model(model), summaries, variants
 
@@ -132,30 +139,33 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None 
 
     A caller comparing several recipes on one teacher (benchmarks) may pass the loaded teacher,
     its calibration set and an evaluator, so that all runs share data and teacher samples."""
-    state = process_state()
-    teacher = teacher or load_teacher(recipe.model.model_dump())  # fails before anything is written
+    state, meter = process_state(), PhaseMeter()
+    t_start = time.time()
+    with meter("load teacher"):
+        teacher = teacher or load_teacher(recipe.model.model_dump())  # fails before anything is written
     out = Path(out_dir)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
     if calib is None:
         log.info("calibration: %d teacher samples", recipe.calibration.num_samples)
-        with state.main_process_first():  # the main process samples and caches; the others read the cache
+        with meter("calibration"), state.main_process_first():  # the main process samples and caches
             calib = build_calibration(teacher, recipe.calibration, work)
-    student, summaries, variants = run_stages(recipe, teacher, calib, work)
+    student, summaries, variants = run_stages(recipe, teacher, calib, work, meter)
     if not state.is_main_process:
         return None  # export, evaluation and the report are the main process's
 
     base = base_reference(teacher, recipe.model.model_dump())
     records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
-    ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
-                           {"recipe": recipe.to_dict(), "summaries": summaries}, teacher.conditioner)
+    with meter("checkpoints"):
+        ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
+                               {"recipe": recipe.to_dict(), "summaries": summaries}, teacher.conditioner)
     published = {}
     for label, folder in variants.items():
         published[label] = out / "variants" / label
         shutil.rmtree(published[label], ignore_errors=True)
         shutil.copytree(folder, published[label])
-    return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start, published, evaluator)
+    return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start, published, evaluator,
+                             meter)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> dict:
@@ -177,18 +187,21 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: 
 
 def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel, calib, summaries: list[dict],
                       ckpt: Path, out: Path, t_start: float, variants: dict[str, Path] | None = None,
-                      evaluator: Evaluator | None = None) -> dict:
+                      evaluator: Evaluator | None = None, meter: PhaseMeter | None = None) -> dict:
     """ONNX export with parity, evaluation against the teacher, pictures, report and gate.
 
     Variants are exported and evaluated the same way and reported beside the main student;
     the gate judges the main student only."""
     e = recipe.export
-    ev = evaluator or Evaluator(teacher, calib, recipe.evaluation)
+    meter = meter or PhaseMeter()
+    with meter("evaluation"):
+        ev = evaluator or Evaluator(teacher, calib, recipe.evaluation)
 
     def to_onnx(model: LoadedModel, name: str) -> tuple[dict, Path]:
         path = out / "onnx" / f"{name}.onnx"
         card = deployment_card(model, ev.steps, ev.guidance)
-        return export_onnx(model.model, model.adapter, path, e.batch, e.opset, e.parity_atol, card), path
+        with meter("ONNX export + parity"):
+            return export_onnx(model.model, model.adapter, path, e.batch, e.opset, e.parity_atol, card), path
 
     teacher_onnx = to_onnx(teacher, "teacher")[1] if e.onnx else None  # for latency ratios in this run
 
@@ -197,8 +210,11 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
         if e.onnx:
             log.info("exporting %s to ONNX (dynamo) with parity check", name)
             export_info, onnx_path = to_onnx(model, name)
-        quality, pictures = ev.quality(model)
-        return quality, pictures, ev.cost(model, onnx_path, teacher_onnx, str(checkpoint)), export_info, onnx_path
+        with meter("evaluation"):
+            quality, pictures = ev.quality(model)
+        with meter("cost (latency, memory)"):
+            cost = ev.cost(model, onnx_path, teacher_onnx, str(checkpoint))
+        return quality, pictures, cost, export_info, onnx_path
 
     quality, pictures, cost, export_info, student_onnx = judge(student, "student", ckpt)
     variant_reports = {}
@@ -208,15 +224,19 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
         variant_reports[label] = {"checkpoint": str(folder), "onnx": str(path) if path else None,
                                   "quality": q, "cost": c, "export": x,
                                   "stage": read_manifest(folder)["stages"][-1]["metadata"]}
+    deployment = None
+    if e.precisions or e.optimize or e.tensorrt:
+        with meter("deployment variants"):
+            deployment = judge_deployment(e, student_onnx, ev, calib, out / ".work")
     report = {
         "version": __version__, "recipe": recipe.to_dict(), "recipe_hash": recipe.hash,
         "teacher": teacher.source, "family": teacher.adapter.family,
         "quality": quality, "cost": cost, "export": export_info, "stages": summaries,
         "artifacts": {"checkpoint": str(ckpt), "onnx": str(student_onnx) if student_onnx else None},
         "variants": variant_reports,
-        "deployment": (judge_deployment(e, student_onnx, ev, calib, out / ".work")
-                       if e.precisions or e.optimize or e.tensorrt else None),
+        "deployment": deployment,
         "wall_seconds": round(time.time() - t_start, 1),
+        "phases": meter.rows,
     }
     report["gate"] = check_gate(report, [r.model_dump() for r in recipe.gate]) if recipe.gate else None
     for i, st in enumerate(summaries):  # each stage draws its own figures
@@ -262,7 +282,7 @@ def analyse(model_spec: dict, out: str | Path, calibration: CalibrationSpec | No
     out = Path(out)
     (out / ".work").mkdir(parents=True, exist_ok=True)
     calib = build_calibration(teacher, calibration or CalibrationSpec(), out / ".work")
-    analysis = analyse_redundancy(teacher.model, teacher.adapter, calib, folder=out / ".work" / "boundary-states")
+    analysis = analyse_redundancy(teacher.model, teacher.adapter, calib, folder=process_local(out / ".work" / "boundary-states"))
     plot_analysis(analysis, out / "analysis.png")
     result = analysis.to_json()
     write_json(out / "analysis.json", {"model": model_spec, **result})

@@ -137,6 +137,7 @@ def write_markdown(path: Path, report: dict) -> None:
 
     for st in report.get("stages", []):
         lines += get_stage(st["name"]).report_lines(st["metadata"], st.get("pictures") or {})
+    lines += run_lines(report)
     lines += ["", "## Stages", ""]
     for st in report.get("stages", []):
         rec = st.get("recovery") or {}
@@ -145,6 +146,26 @@ def write_markdown(path: Path, report: dict) -> None:
                      + (f"; recovery {rec.get('steps')} steps in {rec.get('seconds')} s, final output MSE "
                         f"{rec.get('final_output_mse')}" if rec else ""))
     path.write_text("\n".join(line for line in lines) + "\n")
+
+
+def run_lines(report: dict) -> list[str]:
+    """Time and peak resident memory of each phase; throughput and memory of each distillation."""
+    lines = []
+    if report.get("phases"):
+        lines += ["", "## Run: time and memory", "",
+                  f"Wall time {report.get('wall_seconds')} s. Peak RSS: the process's resident peak during the phase "
+                  "(reset before each on Linux; it includes what earlier phases still hold, e.g. the teacher).", "",
+                  "| phase | time (s) | peak RSS (GB) |", "|---|---|---|"]
+        lines += [f"| {name} | {row['seconds']} | {row['peak_rss_gb']} |" for name, row in report["phases"].items()]
+    runs = [(st["name"], st["recovery"]) for st in report.get("stages", []) if st.get("recovery")]
+    if runs:
+        lines += ["", "| distillation | processes | steps | samples/s | tokens/s | training memory (MB) |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in runs:
+            memory = (r.get("training_memory") or {}).get("total_mb", "-")
+            lines.append(f"| {name} | {r.get('processes', 1)} | {r.get('steps')} | {r.get('samples_per_second', '-')} | "
+                         f"{r.get('tokens_per_second', '-')} | {memory} |")
+    return lines
 
 
 def deployment_lines(d: dict) -> list[str]:

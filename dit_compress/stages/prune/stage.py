@@ -7,6 +7,7 @@ import shutil
 
 import torch.nn as nn
 
+from ...core.processes import process_local
 from ...core.stage import Stage, StageContext
 from ...errors import RecipeError
 from ...models.families import FamilyAdapter
@@ -193,7 +194,8 @@ class PruneStage(Stage):
                 raise RecipeError(f"prune.intervals: {bad[0]} is outside blocks 0..{len(names) - 1}")
             allowed = [tuple(iv) for iv in config.intervals]
         log.info("ppcl: probing %d blocks for redundant runs", len(names))
-        shards = ctx.work_dir / "boundary-states"  # streamed through disk: one or two layers in memory at a time
+        # streamed through disk (one or two layers in memory at a time), by every process for itself
+        shards = process_local(ctx.work_dir / "boundary-states")
         states = boundary_states(model, adapter, ctx.calibration, folder=shards)
         plans, costs = make_plans(states, groups, protected, order, config.max_interval, allowed)
         analysis = analyse_states(states, model, adapter).to_json()
