@@ -47,7 +47,7 @@ def cka_matrix(h: Sequence[torch.Tensor]) -> list[list[float]]:
     def centred(i):
         return h[i] - h[i].mean(0, keepdim=True)
 
-    self_norm = [float((centred(i).T @ centred(i)).norm()) for i in range(n)]
+    self_norm = [float((c.T @ c).norm()) for c in map(centred, range(n))]
     m = [[1.0] * n for _ in range(n)]
     for i in range(n):
         x = centred(i)
