@@ -130,14 +130,15 @@ def _summary(report: dict, out: Path) -> None:
 @click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
 @click.option("--analyse-only", is_flag=True,
               help="Only analyse block redundancy (similarity, CKA, linear probes, intervals); prune nothing.")
+@set_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
 @_errors
 def prune(model: str, method: str, ratio: float | None, ratios: str | None, remove: str | None, select: str,
           heads: float, ffn: float, importance: str | None, steps: int, subfolder: str | None,
-          latent_size: int | None, analyse_only: bool, out: Path) -> None:
+          latent_size: int | None, analyse_only: bool, overrides: tuple[str, ...], out: Path) -> None:
     """Prune MODEL (zoo:NAME, folder, hub id), recover it, export and report; writes a run folder."""
     from .core.pipeline import analyse, run_recipe
-    from .core.recipe import parse_recipe
+    from .core.recipe import apply_overrides, parse_recipe
 
     spec = {"source": model, "subfolder": subfolder, "latent_size": latent_size}
     if analyse_only:
@@ -157,7 +158,8 @@ def prune(model: str, method: str, ratio: float | None, ratios: str | None, remo
         cfg["ratios"] = [float(r) for r in ratios.split(",")]
     if heads or ffn or importance:
         cfg["width"] = {k: v for k, v in (("heads", heads), ("ffn", ffn), ("importance", importance)) if v}
-    r = parse_recipe({"name": out.name, "model": spec, "stages": [{"prune": cfg}]}, "ditc prune")
+    raw = {"name": out.name, "model": spec, "stages": [{"prune": cfg}]}
+    r = parse_recipe(apply_overrides(raw, list(overrides)), "ditc prune")
     report = run_recipe(r, out)
     _summary(report, out)
 

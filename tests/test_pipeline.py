@@ -9,7 +9,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import save_tiny
+from conftest import TINY_RUN, save_tiny
 from dit_compress.cli import main
 from dit_compress.core.manifest import load_compressed
 from dit_compress.models.load import load_transformer
@@ -132,7 +132,7 @@ def test_distill_continues_from_checkpoint(run_dir):
 def test_ditc_prune_one_off(run_dir, tmp_path):
     tmp, _, _ = run_dir
     res = CliRunner().invoke(main, ["prune", str(tmp / "teacher"), "--method", "depth", "--remove", "2,3",
-                                    "--steps", "3", "-o", str(tmp_path / "p")])
+                                    "--steps", "3", "-o", str(tmp_path / "p"), *TINY_RUN])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "p" / "checkpoint" / "manifest.json").read_text())
     assert manifest["stages"][0]["metadata"]["removed"] == [2, 3]
@@ -143,7 +143,7 @@ def test_ditc_prune_ppcl_writes_every_ratio_of_one_run(run_dir, tmp_path):
     tmp, _, _ = run_dir
     out = tmp_path / "ppcl"
     res = CliRunner().invoke(main, ["prune", str(tmp / "teacher"), "--ratio", "0.5", "--ratios", "0.25",
-                                    "--steps", "3", "-o", str(out)])
+                                    "--steps", "3", "-o", str(out), *TINY_RUN])
     assert res.exit_code == 0, res.output
     assert "variant ratio-0.25" in res.output
     report = json.loads((out / "report.json").read_text())
