@@ -132,9 +132,21 @@ def _read(shard, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def _chunks(size: int, tokens_per_sample: int) -> list[slice]:
-    step = max(1, FORWARD_TOKENS // max(1, tokens_per_sample))
-    return [slice(a, min(size, a + step)) for a in range(0, size, step)]
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block's forward pre-hook sees (passed by keyword or first)."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _chunked_batches(adapter: FamilyAdapter, calib: CalibrationSet, batches: int, batch_size: int,
+                     first_batch: int):
+    """Calibration batches `first_batch`.. in chunks of at most FORWARD_TOKENS tokens:
+    (batch k, its sample rows, denoiser inputs)."""
+    step = max(1, FORWARD_TOKENS // max(1, math.prod(adapter.token_grid())))
+    for k in range(batches):
+        b = calib.batch(first_batch + k, batch_size)
+        for a in range(0, batch_size, step):
+            sl = slice(a, min(batch_size, a + step))
+            yield k, sl, (b.x_t[sl], b.t[sl], {c: v[sl] for c, v in b.cond.items()})
 
 
 @torch.no_grad()
@@ -169,7 +181,7 @@ def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
         return keep[(keep >= lo) & (keep < hi)] - lo
 
     def pre(_m, args, kwargs):
-        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        h = block_input(args, kwargs)
         now["take"] = rows(h)
         states[0].append(h.flatten(0, -2)[now["take"]].clone())
 
@@ -184,12 +196,12 @@ def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     try:
-        for k in range(batches):
-            b = calib.batch(first_batch + k, batch_size)
-            for sl in _chunks(batch_size, math.prod(adapter.token_grid())):
-                now.update(k=k, rows=sl)
-                adapter.denoise(model, b.x_t[sl], b.t[sl], {c: v[sl] for c, v in b.cond.items()})
-            shard = {f"h{i}": torch.cat(s) for i, s in enumerate(states)}
+        for k, sl, inputs in _chunked_batches(adapter, calib, batches, batch_size, first_batch):
+            now.update(k=k, rows=sl)
+            adapter.denoise(model, *inputs)
+            if sl.stop < batch_size:
+                continue
+            shard = {f"h{i}": torch.cat(s) for i, s in enumerate(states)}  # batch k complete: one shard
             for s in states:
                 s.clear()
             if folder is not None:
@@ -215,7 +227,7 @@ def block_influence(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
     last: list[torch.Tensor] = []
 
     def pre(_m, args, kwargs):
-        last[:] = [(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).flatten(0, -2).float()]
+        last[:] = [block_input(args, kwargs).flatten(0, -2).float()]
         seen[0] += len(last[0])
 
     def post(i):
@@ -227,12 +239,9 @@ def block_influence(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
 
     handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
     handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
-    per_sample = math.prod(adapter.token_grid())  # an estimate, only to size the chunks
     try:
-        for k in range(batches):
-            b = calib.batch(first_batch + k, batch_size)
-            for sl in _chunks(batch_size, per_sample):
-                adapter.denoise(model, b.x_t[sl], b.t[sl], {c: v[sl] for c, v in b.cond.items()})
+        for _, _, inputs in _chunked_batches(adapter, calib, batches, batch_size, first_batch):
+            adapter.denoise(model, *inputs)
     finally:
         for h in handles:
             h.remove()
@@ -245,7 +254,7 @@ def hidden_width(model: nn.Module, adapter: FamilyAdapter) -> int:
     width: list[int] = []
 
     def pre(_m, args, kwargs):
-        width.append(int((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[-1]))
+        width.append(int(block_input(args, kwargs).shape[-1]))
 
     handle = adapter.blocks(model)[0][2].register_forward_pre_hook(pre, with_kwargs=True)
     try:
