@@ -16,7 +16,8 @@ from dit_compress.export.onnx import export_onnx
 from dit_compress.models.families import get_adapter
 from dit_compress.models.load import LoadedModel
 from dit_compress.sampling import DEFAULT_SCHEDULER
-from dit_compress.stages.prune.ppcl import ContiguousLayerObjective, Interval, PluggableSupernet, plan_removal, streams
+from dit_compress.stages.prune.ppcl import ContiguousLayerObjective, Interval, PluggableSupernet, make_plans, \
+    plan_removal, streams
 from dit_compress.stages.prune.width import attention_modules, replay_width_, width_prune_
 
 
@@ -44,6 +45,13 @@ def test_plan_removal_takes_cheapest_disjoint_runs_with_exact_saving():
     assert plan_removal(costs, 6, 2) == [(1, 2), (4, 5)]
     assert plan_removal(costs, 6, 3) == [(1, 3), (4, 5)]  # 0.30 beats (0,1)+(2,3)+(4,5) = 0.75
     assert plan_removal(costs, 6, 5) == [], "no disjoint runs remove 5 blocks"
+
+
+def test_plans_collapse_each_run_into_its_first_block_unless_one_is_protected():
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(256, 8, generator=g) for _ in range(5)]
+    plans, _ = make_plans(states, ["blocks"] * 4, {3}, [2], max_len=2)
+    assert [iv.to_json() for iv in plans[2]] == [[0, 1, 0], [2, 3, 3]]
 
 
 def test_stage_rejects_ratios_that_collide_or_remove_nothing(calibrated, tmp_path):
