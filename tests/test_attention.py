@@ -116,6 +116,48 @@ def test_clear_neighbourhood_equals_masked_softmax(grid, radius, tile):
                           _dense_local(q, k, v, grid, radius, tk, tv), atol=1e-5)
 
 
+@pytest.mark.parametrize("grid,radius", [((5, 7), 3), ((16, 16), 4)])
+def test_clear_flex_attention_equals_masked_softmax(grid, radius):
+    """The CUDA path (FlexAttention with a block mask), run here unfused on the CPU."""
+    from dit_compress.stages.attention.flex import flex_local_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, grid[0] * grid[1], 16, generator=g) for _ in range(3))
+    tk, tv = torch.randn(2, 3, 4, 16, generator=g), torch.randn(2, 3, 4, 16, generator=g)
+    assert torch.allclose(flex_local_attention(q, k, v, grid, radius, compiled=False),
+                          _dense_local(q, k, v, grid, radius), atol=1e-5)
+    assert torch.allclose(flex_local_attention(q, k, v, grid, radius, tk, tv, compiled=False),
+                          _dense_local(q, k, v, grid, radius, tk, tv), atol=1e-5)
+
+
+def test_clear_flex_block_mask_density_falls_with_tokens():
+    """FlexAttention computes only the blocks its mask keeps: their share must shrink as the grid grows
+    (about (2r - 1) / side), so the kernel's work grows linearly, not quadratically."""
+    from dit_compress.stages.attention.flex import neighbourhood_mask
+
+    density = {}
+    for side in (32, 64, 128):
+        mask = neighbourhood_mask((side, side), 8, 0, "cpu")
+        density[side] = 1 - mask.sparsity() / 100
+    assert density[128] < 0.15 and density[128] < 0.6 * density[64] < 0.6 * density[32], density
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["dit", "sd3"])
+def test_clear_on_cuda_uses_flex_attention_and_matches_the_cpu_tiles(family):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(0)
+    grid = (32, 32)
+    q, k, v = (torch.randn(2, 4, 1024, 32, generator=g) for _ in range(3))
+    text = (torch.randn(2, 4, 7, 32, generator=g), torch.randn(2, 4, 7, 32, generator=g)) if family == "sd3" \
+        else (None, None)
+    cpu = local_attention(q, k, v, grid, 8, 8, *text)
+    gpu = local_attention(*(x.cuda() for x in (q, k, v)), grid, 8, 8, *(t.cuda() if t is not None else None
+                                                                         for t in text))
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-3), (gpu.cpu() - cpu).abs().max()
+
+
 def test_clear_cost_grows_linearly_with_tokens():
     flops = {}
     for side in (32, 64):

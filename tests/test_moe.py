@@ -72,6 +72,41 @@ def test_expert_compute_scales_with_the_busiest_expert():
         assert y.shape == (64, 8)
 
 
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="torch without grouped_mm")
+def test_grouped_gemm_experts_equal_the_padded_slabs():
+    """The CUDA inference path (grouped GEMMs over expert-sorted rows), run on the CPU, against the
+    exported path (padded slabs), with an unbalanced routing that leaves one expert idle."""
+    torch.manual_seed(0)
+    moe = MoEFeedForward(dim=32, shared=16, experts=4, expert_size=16, top_k=2).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, gates = torch.randn(40, 32), torch.rand(40, 2)
+    idx = torch.stack([torch.zeros(40, dtype=torch.long), torch.arange(40).remainder(3)], 1)  # expert 3 idle
+    idx[:, 1][idx[:, 1] == 0] = 2
+    with torch.no_grad():
+        assert torch.allclose(moe._experts_grouped(x, idx, gates), moe._experts(x, idx, gates), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_moe_on_cuda_bf16_takes_the_grouped_path_and_matches_the_slabs():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    moe = MoEFeedForward(dim=256, shared=128, experts=7, expert_size=128, top_k=2).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    moe = moe.cuda().to(torch.bfloat16)
+    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+    grouped, calls = moe._experts_grouped, []
+    moe._experts_grouped = lambda *a: calls.append(1) or grouped(*a)
+    with torch.no_grad():
+        moe(x)
+        _, idx, gates = moe.route(x)
+        a, b = grouped(x, idx, gates).float(), moe._experts(x, idx, gates).float()
+    assert calls, "CUDA bf16 inference must take the grouped-GEMM path"
+    assert (a - b).abs().max() / b.abs().max() < 2e-2
+
+
 def test_balanced_groups_are_equal_and_cluster():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 16, generator=g) * 5

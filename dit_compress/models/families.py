@@ -139,7 +139,8 @@ class PixArtAdapter(FamilyAdapter):
         if getattr(model, "use_additional_conditions", self.config.get("use_additional_conditions")):
             b = x.shape[0]
             size = float(self.latent_size * 8)
-            added = {"resolution": torch.full((b, 2), size), "aspect_ratio": torch.ones(b, 1)}
+            like = {"device": x.device, "dtype": x.dtype}
+            added = {"resolution": torch.full((b, 2), size, **like), "aspect_ratio": torch.ones(b, 1, **like)}
         out = model(x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
                     added_cond_kwargs=added, return_dict=False)[0]
         return self._first_channels(out)

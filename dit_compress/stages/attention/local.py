@@ -6,7 +6,8 @@ The neighbourhood is computed, not masked out of a dense matrix: the grid is cut
 `tile` x `tile` query tiles, and each tile attends to its own halo window of
 (tile + 2(r-1))^2 keys, where a fixed mask keeps the keys within distance r. Work and memory
 grow linearly with the number of tokens, in PyTorch and in the exported ONNX graph (windows
-are static gathers; there is no data-dependent shape).
+are static gathers; there is no data-dependent shape). On CUDA the same attention runs as a
+FlexAttention block-sparse kernel instead (`flex.py`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tup
     grid (and over all text keys, when given); returns (B, h, N, d)."""
     if radius < 1:
         raise ValueError(f"CLEAR radius must be >= 1, got {radius}")
+    if q.is_cuda and not torch.onnx.is_in_onnx_export():
+        from .flex import flex_local_attention
+
+        return flex_local_attention(q, k, v, grid, radius, text_k, text_v)
     gh, gw = grid
     b, h, n, d = q.shape
     reach, window = radius - 1, tile + 2 * (radius - 1)

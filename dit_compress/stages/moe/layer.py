@@ -53,8 +53,26 @@ class MoEFeedForward(nn.Module):
         if self.track:
             self.last_probs = logits.softmax(dim=-1)
             self.last_counts = torch.bincount(idx.flatten(), minlength=self.num_experts)
-        out = out + self._experts(x, idx, gates)
+        grouped = x.is_cuda and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+        out = out + (self._experts_grouped if grouped else self._experts)(x, idx, gates)
         return out.reshape(shape)
+
+    def _experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """`_experts` as two grouped GEMMs (CUDA bf16 inference): (token, choice) pairs sorted by
+        expert, each expert's rows multiplied by its own weights, with the group offsets left on the
+        device. No padding, and no host sync for the busiest expert's load, which stalled the GPU
+        once per layer (SD3-medium at 4 096 tokens ran 2.7x slower than dense with the padded slabs).
+        The rows go back to token order by `index_copy_`: an `index_add_` into the tokens instead
+        measured 0.20 ms per call on an H200 (bf16 atomics), more than both grouped GEMMs."""
+        tokens, experts = x.shape[0], self.num_experts
+        e = idx.reshape(-1)
+        order = e.argsort(stable=True)
+        offsets = torch.bincount(e, minlength=experts).cumsum(0).to(torch.int32)
+        rows = x.index_select(0, order // self.top_k)
+        h = F.grouped_mm(rows, self.up_weight, offs=offsets) + self.up_bias[e[order], 0]
+        y = F.grouped_mm(F.gelu(h, approximate=self.approximate), self.down_weight, offs=offsets)
+        y = torch.empty_like(y).index_copy_(0, order, y)  # back to token-major pair order
+        return (y * gates.reshape(-1, 1).to(y.dtype)).view(tokens, self.top_k, -1).sum(1)
 
     def _experts(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Sum over each token's chosen experts of gate * expert(token), all experts in one batched matmul.
