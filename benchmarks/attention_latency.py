@@ -4,6 +4,8 @@ One attention layer (projections included) of width --width with --heads softmax
 square token grid of 256 .. 16 384 tokens, random weights; the same layer with LiT's processor
 (--lit-heads heads, 5x5 depthwise conv) and with CLEAR's (radius --radius). Timed in PyTorch
 and in ONNX Runtime (each variant exported with the parity check), medians of alternating runs.
+The layer's four projections alone are timed beside them: every variant keeps them, so
+softmax ms / projection ms bounds the speedup any such attention can reach.
 With --model, also a whole random-weight DiT of that width (--layers blocks) per token count.
 
 Usage: python benchmarks/attention_latency.py --out benchmarks/results/attention-latency
@@ -28,6 +30,17 @@ from dit_compress.stages.attention.local import CLEARProcessor
 KINDS = ("softmax", "lit", "clear")
 
 
+class Projections(torch.nn.Module):
+    """The Q/K/V/out projections of an attention layer and nothing else (the speedup bound)."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.q, self.k, self.v, self.out = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+
+    def forward(self, x):
+        return self.out(self.q(x) + self.k(x) + self.v(x))
+
+
 def attention_layer(kind: str, width: int, heads: int, side: int, args):
     from diffusers.models.attention_processor import Attention
 
@@ -48,9 +61,10 @@ def timed(fns: dict, repeats: int) -> dict:
 def _row(tokens: int, torch_ms: dict, onnx_ms: dict, folder: Path, **extra) -> dict:
     """One token count's timings with speedups over softmax; clears that count's graphs from `folder`."""
     row = {"tokens": tokens, "torch_ms": torch_ms, "onnx_ms": onnx_ms, **extra,
-           "torch_speedup": {k: round(torch_ms["softmax"] / torch_ms[k], 2) for k in ("lit", "clear")},
-           "onnx_speedup": {k: round(onnx_ms["softmax"] / onnx_ms[k], 2) for k in ("lit", "clear")
-                            if "softmax" in onnx_ms}}
+           "torch_speedup": {k: round(torch_ms["softmax"] / torch_ms[k], 2) for k in ("lit", "clear", "projections")
+                             if k in torch_ms},
+           "onnx_speedup": {k: round(onnx_ms["softmax"] / onnx_ms[k], 2) for k in ("lit", "clear", "projections")
+                            if "softmax" in onnx_ms and k in onnx_ms}}
     print(row, flush=True)
     for p in folder.glob("*.onnx*"):
         p.unlink()
@@ -64,6 +78,7 @@ def layer_rows(args, folder: Path) -> list[dict]:
         side = int(round(tokens ** 0.5))
         x = torch.randn(1, side * side, args.width)
         layers = {k: attention_layer(k, args.width, args.heads, side, args) for k in KINDS}
+        layers["projections"] = Projections(layers["softmax"])
         sessions, parity = {}, {}
         for k, m in layers.items():
             if tokens > args.onnx_max_tokens and k == "softmax":
@@ -126,9 +141,9 @@ def write(out: Path, result: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, runtime in zip(axes, ("torch_ms", "onnx_ms")):
-        for k in KINDS:
+        for k in (*KINDS, "projections"):
             pts = [(r["tokens"], r[runtime][k]) for r in result["layer"] if k in r[runtime]]
-            ax.loglog(*zip(*pts), "o-", label=k)
+            ax.loglog(*zip(*pts), "o--" if k == "projections" else "o-", label=k)
         ax.set_xlabel("tokens")
         ax.set_ylabel("ms (one attention layer, batch 1)")
         ax.set_title("PyTorch" if runtime == "torch_ms" else "ONNX Runtime")
@@ -140,15 +155,17 @@ def write(out: Path, result: dict) -> None:
     lines = [f"# Attention latency vs tokens: softmax vs LiT vs CLEAR (CPU, {result['threads']} threads)", "",
              f"One attention layer, width {a['width']} ({a['heads']} softmax heads), batch 1, random weights. "
              f"LiT: {a['lit_heads']} heads + 5x5 depthwise conv. CLEAR: radius {a['radius']}, tile {a['tile']}. "
-             "Speedup = softmax ms / variant ms.", "",
-             "| tokens | PyTorch softmax ms | LiT ms | CLEAR ms | LiT speedup | CLEAR speedup | ORT softmax ms | "
-             "LiT ms | CLEAR ms | LiT speedup | CLEAR speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Speedup = softmax ms / variant ms. Bound = softmax ms / ms of the layer's four projections alone, "
+             "which every variant keeps: no attention that keeps them can be faster than that.", "",
+             "| tokens | PyTorch softmax ms | LiT ms | CLEAR ms | LiT speedup | CLEAR speedup | bound | ORT softmax ms | "
+             "LiT ms | CLEAR ms | LiT speedup | CLEAR speedup | bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda d, k: f"{d[k]:.1f}" if k in d else "n/a"  # noqa: E731
     for r in result["layer"]:
+        ts, os_ = r["torch_speedup"], r["onnx_speedup"]
         lines.append(f"| {r['tokens']} | {fmt(r['torch_ms'], 'softmax')} | {fmt(r['torch_ms'], 'lit')} | "
-                     f"{fmt(r['torch_ms'], 'clear')} | {r['torch_speedup']['lit']} | {r['torch_speedup']['clear']} | "
+                     f"{fmt(r['torch_ms'], 'clear')} | {ts['lit']} | {ts['clear']} | {ts.get('projections', 'n/a')} | "
                      f"{fmt(r['onnx_ms'], 'softmax')} | {fmt(r['onnx_ms'], 'lit')} | {fmt(r['onnx_ms'], 'clear')} | "
-                     f"{r['onnx_speedup'].get('lit', 'n/a')} | {r['onnx_speedup'].get('clear', 'n/a')} |")
+                     f"{os_.get('lit', 'n/a')} | {os_.get('clear', 'n/a')} | {os_.get('projections', 'n/a')} |")
     if result.get("model"):
         lines += ["", f"## Whole model: random-weight DiT, width {a['width']}, {a['layers']} blocks, batch 1", "",
                   "| tokens | PyTorch softmax ms | LiT ms | CLEAR ms | ORT softmax ms | LiT ms | CLEAR ms |",

@@ -17,6 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _grouped_gemm(x: torch.Tensor) -> bool:
+    """Grouped GEMMs for CUDA bf16 inference on Hopper or newer, the setting they were measured in."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and hasattr(F, "grouped_mm")
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
 class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, shared: int, experts: int, expert_size: int, top_k: int,
                  approximate: str = "tanh"):
@@ -53,8 +59,7 @@ class MoEFeedForward(nn.Module):
         if self.track:
             self.last_probs = logits.softmax(dim=-1)
             self.last_counts = torch.bincount(idx.flatten(), minlength=self.num_experts)
-        grouped = x.is_cuda and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-        out = out + (self._experts_grouped if grouped else self._experts)(x, idx, gates)
+        out = out + (self._experts_grouped if _grouped_gemm(x) else self._experts)(x, idx, gates)
         return out.reshape(shape)
 
     def _experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
