@@ -31,6 +31,8 @@ import torch
 
 from dit_compress.evaluate.cost import alternating_latency
 
+sys.path.insert(0, str(Path(__file__).parent))  # sibling benchmarks: full_size_export, moe_latency
+
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICE = "cuda"  # --device cpu: a dry run of the full-size section on small shapes
 
@@ -166,7 +168,6 @@ def _variant(config: dict, kind: str, latent: int):
             keep[-1] = model.transformer_blocks[-1]
         model.transformer_blocks = torch.nn.ModuleList(keep)
     elif kind == "moe":
-        sys.path.insert(0, str(Path(__file__).parent))
         from moe_latency import to_moe
 
         from dit_compress.stages.moe.convert import replace_module_
@@ -184,7 +185,6 @@ def _variant(config: dict, kind: str, latent: int):
 
 @torch.no_grad()
 def fullsize(configs: list[str], latent: int, batch: int, repeats: int) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).parent))
     from full_size_export import CONFIGS
 
     rows = []
@@ -225,7 +225,6 @@ def moe_profile(tokens: int, width: int, repeats: int) -> dict:
     from diffusers.models.attention import FeedForward
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from moe_latency import to_moe
 
     ff = FeedForward(width, activation_fn="gelu-approximate").eval()
@@ -309,7 +308,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--models", nargs="*", default=["zoo:digits-dit", "zoo:digits-sd3"])
-    p.add_argument("--sections", nargs="+", default=["env", "numerics", "attention", "fullsize"])
+    p.add_argument("--sections", nargs="+", default=["env", "numerics", "attention", "fullsize", "moeprofile"])
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384, 65536])
     p.add_argument("--configs", nargs="+", default=["pixart-xl-2", "sd3-medium"])
     p.add_argument("--latent", type=int, default=128, help="latent side (128 = 1024 px, 4 096 tokens)")
@@ -317,13 +316,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the full-size section")
     p.add_argument("--render", help="write the .md and .png from this saved gpu-checks.json, and stop")
     args = p.parse_args()
-    if args.render:
-        write(Path(args.out), json.loads(Path(args.render).read_text()))
-        return
     global DEVICE
     DEVICE = args.device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        write(out, json.loads(Path(args.render).read_text()))
+        return
     result = {"command": "python " + " ".join(sys.argv)}
     work = {"env": env,
             "numerics": lambda: numerics(args.models, 64, args.repeats),
