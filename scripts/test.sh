@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (the suite is mostly single-threaded); --dist loadfile keeps each file on one
+# worker, so module-scoped fixtures (a whole pipeline run) are built once.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
