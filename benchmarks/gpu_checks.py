@@ -81,10 +81,10 @@ def numerics(sources: list[str], batch: int, repeats: int) -> list[dict]:
         model, adapter = loaded.model.eval(), loaded.adapter
         x, t, cond = adapter.example_inputs(batch)
         cpu = adapter.denoise(model, x, t, cond)
-        conditioner = getattr(adapter, "conditioner", None)  # label-conditioned SD3: part of the forward
-        for m in (model, conditioner):
-            if m is not None:
-                m.cuda()
+        # the label-conditioned SD3 adapter's conditioner is part of the forward
+        modules = [m for m in (model, getattr(adapter, "conditioner", None)) if m is not None]
+        for m in modules:
+            m.cuda()
         xc, tc, cc = x.cuda(), t.cuda(), _to(cond, "cuda")
         gpu = adapter.denoise(model, xc, tc, cc)
         row = {"model": src, "cuda_fp32_vs_cpu": _rel(gpu.cpu(), cpu)}
@@ -105,9 +105,8 @@ def numerics(sources: list[str], batch: int, repeats: int) -> list[dict]:
         row["fp32_vs_first_model"] = round(ms["fp32"] / dense_ms["fp32"], 3)
         rows.append(row)
         print(row, flush=True)
-        for m in (model, conditioner):
-            if m is not None:
-                m.cpu()
+        for m in modules:
+            m.cpu()
     return rows
 
 
