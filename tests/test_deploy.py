@@ -181,3 +181,27 @@ def test_tensorrt_engine_matches_onnx_runtime(tmp_path):
     info = tensorrt_section(path, OnnxAdapter(json.loads(card_path(path).read_text())), batch=4, repeats=10)
     assert "skipped" not in info, info
     assert info["max_rel_error_vs_onnx"] < 2e-2 and info["latency"]["median_ms"] > 0
+
+
+def test_duplicate_casts_from_the_fp16_converter_are_dropped():
+    """ONNX Runtime 1.30's converter inserts one Cast twice when Sin and Cos read the same half
+    tensor; the repaired graph defines each output once and loads."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from dit_compress.export.precision import drop_duplicate_nodes
+
+    cast = helper.make_node("Cast", ["h"], ["h32"], name="h_cast_to_fp32_node", to=TensorProto.FLOAT)
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16), cast, cast,
+             helper.make_node("Sin", ["h32"], ["s"]), helper.make_node("Cos", ["h32"], ["c"]),
+             helper.make_node("Add", ["s", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(Exception):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert drop_duplicate_nodes(model) == 1 and drop_duplicate_nodes(model) == 0
+    onnx.checker.check_model(model)
+    x = np.array([0.0, 0.5, 1.0], dtype=np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(y, np.sin(x) + np.cos(x), atol=1e-3)

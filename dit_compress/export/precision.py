@@ -72,8 +72,28 @@ def to_fp16(src: Path, dst: Path, extra_fp32: list[str] = ()) -> dict:
     block = [*KEEP_FP32, *extra_fp32]
     kept = {op: n for op, n in op_counts(model).items() if op in block}
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=block, disable_shape_infer=large)
+    drop_duplicate_nodes(half)
     save_model(half, dst)
     return {"kept_fp32_ops": kept}
+
+
+def drop_duplicate_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes identical to an earlier one (same op, inputs, outputs, attributes); returns how many.
+
+    ONNX Runtime 1.30's fp16 converter inserts the same Cast twice when two blocked ops (Sin and
+    Cos of a timestep embedding) read one half tensor; the graph then defines that output twice
+    and ONNX Runtime refuses to load it."""
+    seen, kept = set(), []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    removed = len(model.graph.node) - len(kept)
+    if removed:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return removed
 
 
 def _without_bf16(model: onnx.ModelProto) -> list[str]:
