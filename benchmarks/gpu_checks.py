@@ -112,24 +112,18 @@ def numerics(sources: list[str], batch: int, repeats: int) -> list[dict]:
 
 @torch.no_grad()
 def attention(tokens: list[int], width: int, heads: int, repeats: int) -> list[dict]:
-    from diffusers.models.attention_processor import Attention
+    from types import SimpleNamespace
+
+    from attention_latency import attention_layer
 
     from dit_compress.stages.attention.flex import neighbourhood_mask
-    from dit_compress.stages.attention.lit import LiTProcessor
-    from dit_compress.stages.attention.local import CLEARProcessor
 
+    variant = SimpleNamespace(lit_heads=2, radius=8, tile=8)  # attention_latency's defaults
     rows = []
     for n in tokens:
         side = int(round(n ** 0.5))
-        torch.manual_seed(0)
-        layers = {}
-        for kind in ("softmax", "lit", "clear"):
-            attn = Attention(query_dim=width, heads=heads, dim_head=width // heads, bias=True)
-            if kind == "lit":
-                attn.set_processor(LiTProcessor(width, 2, (side, side)))
-            elif kind == "clear":
-                attn.set_processor(CLEARProcessor((side, side), 8, 8))
-            layers[kind] = attn.cuda().to(torch.bfloat16).eval()
+        layers = {k: attention_layer(k, width, heads, side, variant).cuda().to(torch.bfloat16)
+                  for k in ("softmax", "lit", "clear")}
         x = torch.randn(1, side * side, width, device="cuda", dtype=torch.bfloat16)
         t0 = time.time()
         try:
@@ -188,27 +182,23 @@ def fullsize(configs: list[str], latent: int, batch: int, repeats: int) -> list[
 
     rows = []
     for name in configs:
-        calls, params, inputs = {}, {}, None
+        calls, facts, inputs = {}, {}, None
         for kind in ("dense", "depth50", "moe", "lit", "clear"):
-            try:
+            try:  # one variant failing must not hide the others
                 model, adapter = _variant(CONFIGS[name], kind, latent)
-            except Exception as e:  # noqa: BLE001  record and go on: one variant must not hide the others
-                rows.append({"config": name, "variant": kind, "error": f"{type(e).__name__}: {e}"})
-                continue
-            if inputs is None:
-                x, t, cond = adapter.example_inputs(batch)
-                inputs = (x.to(DEVICE, torch.bfloat16), t.to(DEVICE), _to(cond, DEVICE, torch.bfloat16))
-            try:
+                if inputs is None:
+                    x, t, cond = adapter.example_inputs(batch)
+                    inputs = (x.to(DEVICE, torch.bfloat16), t.to(DEVICE), _to(cond, DEVICE, torch.bfloat16))
                 out = adapter.denoise(model, *inputs)
             except Exception as e:  # noqa: BLE001
                 rows.append({"config": name, "variant": kind, "error": f"{type(e).__name__}: {e}"})
                 continue
-            params[kind] = (sum(p.numel() for p in model.parameters()), bool(torch.isfinite(out).all()))
+            facts[kind] = {"params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+                           "finite": bool(torch.isfinite(out).all())}
             calls[kind] = (lambda m=model, a=adapter: a.denoise(m, *inputs))
         ms = _timed(calls, repeats)
         for kind, v in ms.items():
-            row = {"config": name, "variant": kind, "tokens": (latent // 2) ** 2, "batch": batch,
-                   "params_b": round(params[kind][0] / 1e9, 3), "finite": params[kind][1], "ms": v,
+            row = {"config": name, "variant": kind, "tokens": (latent // 2) ** 2, "batch": batch, **facts[kind], "ms": v,
                    "vs_dense": round(v / ms["dense"], 3) if "dense" in ms else None}
             rows.append(row)
             print(row, flush=True)
