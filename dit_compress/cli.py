@@ -521,19 +521,27 @@ def codec() -> None:
 @click.option("--teacher", default="zoo:digits-dit", show_default=True, help="The DiT the decoder starts from.")
 @click.option("--lambda", "lams", type=float, multiple=True, required=True,
               help="Rate weight (repeatable: one codec per value; larger = fewer bits).")
-@click.option("--steps", type=int, default=1500, show_default=True)
+@click.option("--transform-steps", type=int, default=4000, show_default=True,
+              help="Phase 1: the transforms and entropy model, decoding without the DiT.")
+@click.option("--decoder-steps", type=int, default=500, show_default=True,
+              help="Phase 2: the encoder frozen, the synthesis transform and DiT learn the one-step decode.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Folder; each codec goes to OUT/lambda-VALUE.")
 @_errors
-def codec_train(teacher: str, lams: tuple[float, ...], steps: int, out: Path) -> None:
-    """Train codecs on patches of scikit-image's photos (held-out photos are never used)."""
+def codec_train(teacher: str, lams: tuple[float, ...], transform_steps: int, decoder_steps: int, out: Path) -> None:
+    """Train codecs on patches of scikit-image's photos (held-out photos are never used).
+    Codecs already complete in OUT are kept, so an interrupted run resumes with the next rate."""
     from .codec.store import save_codec
     from .codec.train import CodecTrainConfig, train_codec
     from .models.load import load_transformer
 
     dit = load_transformer(teacher).model
     for lam in lams:
-        model, info = train_codec(dit, CodecTrainConfig(lam=lam, steps=steps))
+        if (out / f"lambda-{lam:g}" / "config.json").exists():
+            click.echo(f"kept {out / f'lambda-{lam:g}'}: already trained")
+            continue
+        config = CodecTrainConfig(lam=lam, transform_steps=transform_steps, decoder_steps=decoder_steps)
+        model, info = train_codec(dit, config)
         folder = save_codec(model, out / f"lambda-{lam:g}", teacher, lam, {"training": info})
         last = info["history"][-1]
         click.echo(f"wrote {folder}: training bpp {last['bpp']:.3f}, mse {last['mse']:.5f} ({info['seconds']:.0f} s)")

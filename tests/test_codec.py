@@ -128,3 +128,58 @@ def test_bd_rate_reads_equal_and_halved_bitrates():
     assert abs(bd_rate(anchor, anchor)) < 1e-6
     assert abs(bd_rate(anchor, half) + 50) < 1e-3
     assert bd_rate(anchor, [{"bpp": 5, "psnr": 90}, {"bpp": 6, "psnr": 91}, {"bpp": 7, "psnr": 92}]) is None
+
+
+def test_gdn_matches_its_formula_and_the_inverse_multiplies():
+    from dit_compress.codec.gdn import GDN
+
+    torch.manual_seed(0)
+    gdn, igdn = GDN(3), GDN(3, inverse=True)
+    with torch.no_grad():
+        for m in (gdn, igdn):
+            m.gamma.copy_(torch.rand(3, 3))
+            m.beta.copy_(torch.randn(3))
+    x = torch.randn(2, 3, 4, 5) * 10
+    norm = torch.einsum("ij,bjhw->bihw", gdn.gamma ** 2, x * x) + (torch.nn.functional.softplus(gdn.beta)
+                                                                   + 1e-3).view(1, 3, 1, 1)
+    assert torch.allclose(gdn(x), x / norm.sqrt(), rtol=1e-5)
+    norm_i = torch.einsum("ij,bjhw->bihw", igdn.gamma ** 2, x * x) + (torch.nn.functional.softplus(igdn.beta)
+                                                                      + 1e-3).view(1, 3, 1, 1)
+    assert torch.allclose(igdn(x), x * norm_i.sqrt(), rtol=1e-5)
+
+
+def test_training_phase_one_leaves_the_dit_alone_and_phase_two_only_the_decoder_side_learns():
+    from dit_compress.codec.train import CodecTrainConfig, train_codec
+    from dit_compress.models.load import load_transformer
+
+    dit = load_transformer("zoo:digits-dit").model
+    teacher = dit.state_dict()
+    codec, info = train_codec(dit, CodecTrainConfig(lam=0.2, transform_steps=60, decoder_steps=0, batch_size=4),
+                              progress=False)
+    assert all(torch.equal(v, teacher[k]) for k, v in codec.dit.state_dict().items() if k in teacher)
+    first, last = info["history"][0], info["history"][-1]
+    assert first["phase"] == last["phase"] == "transforms"
+    assert last["bpp"] < 0.5 * first["bpp"]
+
+    def train(decoder_steps):
+        return train_codec(dit, CodecTrainConfig(lam=0.2, transform_steps=3, decoder_steps=decoder_steps,
+                                                 batch_size=2), progress=False)
+
+    (before, _), (after, info) = train(0), train(3)
+    assert info["history"][-1]["phase"] == "decoder"
+    for part in ("g_a", "h_a", "h_s"):  # the encoder side, fixed by phase 1
+        a, b = getattr(before, part).state_dict(), getattr(after, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert not torch.equal(before.g_s[0][0].weight, after.g_s[0][0].weight)
+    assert any(not torch.equal(v, teacher[k]) for k, v in after.dit.state_dict().items() if k in teacher)
+
+
+def test_point_against_jpeg_interpolates_in_log_rate_and_refuses_to_extrapolate():
+    from dit_compress.codec.evaluate import against_anchor
+
+    jpeg = [{"bpp": 0.1, "psnr": 24.0}, {"bpp": 0.4, "psnr": 30.0}]
+    mid = against_anchor(jpeg, {"bpp": 0.2, "psnr": 26.0})  # 0.2 is halfway in log-rate
+    assert abs(mid["psnr_at_same_bpp"] - 27.0) < 1e-9
+    assert abs(mid["bpp_at_same_psnr"] - 0.1 * 4 ** (1 / 3)) < 1e-9
+    low = against_anchor(jpeg, {"bpp": 0.05, "psnr": 23.0})
+    assert low == {"psnr_at_same_bpp": None, "bpp_at_same_psnr": None}

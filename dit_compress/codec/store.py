@@ -16,10 +16,13 @@ from .model import DiTCodec
 def save_codec(codec: DiTCodec, folder: str | Path, teacher: str, lam: float, extra: dict | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # config.json last and by rename: its presence marks a complete codec (`ditc codec train` resumes on it).
     save_file({k: v.contiguous() for k, v in codec.state_dict().items()}, str(folder / "model.safetensors"))
     config = {"teacher": teacher, "channels": codec.channels, "hyper_channels": codec.hyper_channels,
               "width": codec.g_a[0][0].out_channels, "lambda": lam, **(extra or {})}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tmp = folder / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(folder / "config.json")
     return folder
 
 
