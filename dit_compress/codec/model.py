@@ -132,10 +132,9 @@ class DiTCodec(nn.Module):
 
     def alignment_loss(self, x_hat: torch.Tensor, y: torch.Tensor, margin: float = 0.9) -> torch.Tensor:
         """Self-distillation alignment: the decoded image must encode back to the encoder's latent.
-        The encoder is the fixed judge here (its weights detached), so the loss trains the decoder
-        to produce images that encode back, never the encoder to forgive them."""
-        judge = {name: p.detach() for name, p in self.g_a.named_parameters()}
-        cos = F.cosine_similarity(torch.func.functional_call(self.g_a, judge, (x_hat,)), y.detach(), dim=1)
+        Training applies it with the encoder frozen (train.py's phase 2): it shapes the decoder,
+        never the encoder to forgive it."""
+        cos = F.cosine_similarity(self.g_a(x_hat), y.detach(), dim=1)
         return F.relu(margin - cos).mean()
 
     # -- real coding ---------------------------------------------------------------------------
