@@ -519,11 +519,11 @@ def codec() -> None:
 
 @codec.command("train")
 @click.option("--teacher", default="zoo:digits-dit", show_default=True, help="The DiT the decoder starts from.")
-@click.option("--lambda", "lams", type=float, multiple=True, required=True,
+@click.option("--lambda", "lams", type=click.FloatRange(min=0, min_open=True), multiple=True, required=True,
               help="Rate weight (repeatable: one codec per value; larger = fewer bits).")
-@click.option("--transform-steps", type=int, default=4000, show_default=True,
+@click.option("--transform-steps", type=click.IntRange(min=1), default=4000, show_default=True,
               help="Phase 1: the transforms and entropy model, decoding without the DiT.")
-@click.option("--decoder-steps", type=int, default=500, show_default=True,
+@click.option("--decoder-steps", type=click.IntRange(min=0), default=500, show_default=True,
               help="Phase 2: the encoder frozen, the synthesis transform and DiT learn the one-step decode.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Folder; each codec goes to OUT/lambda-VALUE.")

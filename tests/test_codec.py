@@ -118,6 +118,9 @@ def test_cli_encodes_and_decodes_files_and_the_decoder_exports_with_parity(small
     assert res.exit_code == 2 and "bad.ditc" in res.output and not (tmp_path / "b.png").exists()
     info = export_decoder(small_codec, tmp_path / "decoder.onnx", _photo(64, 64))
     assert info["max_abs_error"] <= 1e-4
+    for bad in (["--lambda", "0"], ["--lambda", "0.01", "--transform-steps", "0"]):
+        res = run.invoke(main, ["codec", "train", *bad, "-o", str(tmp_path / "never")])
+        assert res.exit_code == 2 and bad[-2] in res.output and not (tmp_path / "never").exists()
 
 
 def test_bd_rate_reads_equal_and_halved_bitrates():
