@@ -46,10 +46,10 @@ def codec_point(codec: DiTCodec, images: dict[str, torch.Tensor], lam: float, st
         t0 = time.perf_counter()
         data, _ = compress(codec, img, "eval", lam)
         t1 = time.perf_counter()
-        x_hat, symbols = decompress(codec, data, name, steps=steps)
+        x_hat, read = decompress(codec, data, name, steps=steps)
         t2 = time.perf_counter()
         with torch.no_grad():  # what the DiT adds: the same latent, decoded by the synthesis transform alone
-            coarse, _ = codec.decode_latent(symbols["y"].float() + codec.hyper_params(symbols["z"].float())[0], 0)
+            coarse, _ = codec.decode_latent(read["y_hat"], 0)
         h, w = img.shape[1:]
         rows.append({"image": name, "bpp": 8 * len(data) / (h * w),
                      "psnr": psnr(x_hat, img), "psnr_without_dit": psnr(coarse[0, :, :h, :w].clamp(-1, 1), img),

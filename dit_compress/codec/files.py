@@ -40,7 +40,7 @@ def compress(codec: DiTCodec, image: torch.Tensor, model_id: str, lam: float) ->
 
 @torch.no_grad()
 def decompress(codec: DiTCodec, data: bytes, where: str = "input", steps: int = 1) -> tuple[torch.Tensor, dict]:
-    """The image (1, H, W) in [-1, 1] and the symbols read from the file."""
+    """The image (1, H, W) in [-1, 1] and what was read: the symbols and the dequantised latent y_hat."""
     codec.eval()
     stream = Bitstream.from_bytes(data, where)
     header = stream.header
@@ -57,6 +57,7 @@ def decompress(codec: DiTCodec, data: bytes, where: str = "input", steps: int = 
         y = entropy.decode(stream.streams[1], torch.zeros_like(mu), sigma, Y_BOUND)
     except (ValueError, RuntimeError) as e:
         raise BitstreamError(f"{where}: entropy decoding failed ({e})") from None
-    x_hat, _ = codec.decode_latent(y.float() + mu, steps=steps)
+    y_hat = y.float() + mu
+    x_hat, _ = codec.decode_latent(y_hat, steps=steps)
     h, w = header["image"][1:]
-    return x_hat[0, :, :h, :w].clamp(-1, 1), {"z": z, "y": y}
+    return x_hat[0, :, :h, :w].clamp(-1, 1), {"z": z, "y": y, "y_hat": y_hat}
