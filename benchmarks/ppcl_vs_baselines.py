@@ -108,18 +108,28 @@ def _f(v, fmt="{:.3f}"):
     return "n/a" if v is None else fmt.format(v)
 
 
+def _fd_error(r: dict, result: dict) -> str:
+    """Standard error of the FD ratio over the evaluator's seeds (the teacher's FD taken as exact)."""
+    teacher = next(t for t in result["rows"] if t["method"] == "teacher")
+    if r.get("fd_student_std") is None or not teacher.get("fd_student"):
+        return ""
+    return f" ± {r['fd_student_std'] / result['eval_seeds'] ** 0.5 / teacher['fd_student']:.3f}"
+
+
 def write_table(path: Path, result: dict) -> None:
     lines = [f"# PPCL vs baselines on `{result['teacher']}`", "",
              f"Same calibration set ({result['calibration_samples']} teacher samples), same recovery "
              f"({result['steps']} steps, batch {result['batch_size']}), same evaluator "
-             f"({result['eval_samples']} samples x {result['eval_seeds']} seeds). PPCL trains once for all ratios.",
+             f"({result['eval_samples']} samples x {result['eval_seeds']} seeds, the same noise and labels for "
+             "every model; ± is the standard error over the seeds). PPCL trains once for all ratios.",
              "", "| method | target | params | MACs | FD ratio | PSNR dB | guided acc | unguided acc | "
              "ONNX latency | recovery s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["target_ratio"], r["method"] != "ppcl", r["method"])):
         shared = " (same run)" if r.get("recovery_seconds") and r["method"] == "ppcl" else ""
         lines.append(
             f"| {r['method']} | {r['target_ratio']:g} | {_f(r.get('param_ratio'))} | {_f(r.get('macs_ratio'))} | "
-            f"{_f(r.get('fd_ratio'))} | {_f(r.get('psnr_db'), '{:.2f}')} | {_f(r.get('guided_accuracy'))} | "
+            f"{_f(r.get('fd_ratio'))}{_fd_error(r, result)} | {_f(r.get('psnr_db'), '{:.2f}')} | "
+            f"{_f(r.get('guided_accuracy'))} | "
             f"{_f(r.get('unguided_accuracy'))} | {_f(r.get('onnx_latency_ratio'))} | "
             f"{_f(r.get('recovery_seconds'), '{:.0f}')}{shared} |")
     lines += ["", "![results](results.png)"]
