@@ -5,10 +5,15 @@ recovery steps and batch size, and the same evaluator (teacher samples generated
 same noise and labels for every student). Methods:
 
   ppcl         PPCL: one contiguous-layer distillation run yields every ratio
-  depth-last   drop the last removable blocks, recover by output + hidden-state distillation
+  depth-last   drop the last removable blocks, recover by distillation
   depth-even   drop evenly spaced blocks, same recovery
   width-l2     Torch-Pruning L2-magnitude pruning of heads and FFN channels, same recovery
   depth-bi     (optional) the foundation's Block Influence depth pruning, same recovery
+
+The baselines recover with the foundation's standard distillation (the teacher's prediction,
+`--baseline-feature-weight 0`). `--baseline-feature-weight 1` also gives them the hidden-state
+matching at every run's end that PPCL's contiguous-layer distillation uses: an ablation that
+leaves PPCL only its probe-planned intervals and its block losses on teacher inputs.
 
 Usage:
   python benchmarks/ppcl_vs_baselines.py --teacher zoo:digits-dit --out exports/bench-ppcl-dit
@@ -70,6 +75,7 @@ def run(args) -> dict:
     evaluator = Evaluator(teacher, calib, base.evaluation)
     recover = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "feature_weight": 1.0,
                "checkpoint_every": 100}
+    baseline_recover = {**recover, "feature_weight": args.baseline_feature_weight}
     ratios = sorted(args.ratios)
     rows, t0 = [], time.time()
 
@@ -89,13 +95,14 @@ def run(args) -> dict:
                      "param_ratio": 1.0, "macs_ratio": 1.0, "fd_ratio": 1.0, "onnx_latency_ratio": 1.0})
     for method in [m for m in args.methods if m != "ppcl"]:
         for ratio in ratios:
-            stage = {**BASELINES[method], "ratio": ratio, "recover": recover}
+            stage = {**BASELINES[method], "ratio": ratio, "recover": baseline_recover}
             name = f"{method}-{ratio:g}"
             r = run_recipe(parse_recipe(recipe_for(name, args.teacher, stage, args), "benchmark"), out / name,
                            teacher, calib, evaluator)
             rows.append(row(method, ratio, r, r["stages"][0]["recovery"]))
         (out / "results.partial.json").write_text(json.dumps(rows, indent=2))
     result = {"teacher": args.teacher, "steps": args.steps, "batch_size": args.batch_size,
+              "baseline_feature_weight": args.baseline_feature_weight,
               "calibration_samples": args.calibration, "eval_samples": args.samples, "eval_seeds": args.seeds,
               "wall_seconds": round(time.time() - t0, 1), "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -116,10 +123,16 @@ def _fd_error(r: dict, result: dict) -> str:
     return f" ± {r['fd_student_std'] / result['eval_seeds'] ** 0.5 / teacher['fd_student']:.3f}"
 
 
+def _baseline_features(result: dict) -> str:
+    w = result.get("baseline_feature_weight", 1.0)  # results before the option matched features
+    return f" and, with weight {w:g}, the teacher's hidden state at each run's end" if w else ""
+
+
 def write_table(path: Path, result: dict) -> None:
     lines = [f"# PPCL vs baselines on `{result['teacher']}`", "",
              f"Same calibration set ({result['calibration_samples']} teacher samples), same recovery "
-             f"({result['steps']} steps, batch {result['batch_size']}), same evaluator "
+             f"({result['steps']} steps, batch {result['batch_size']}; baselines distil the teacher's prediction"
+             f"{_baseline_features(result)}), same evaluator "
              f"({result['eval_samples']} samples x {result['eval_seeds']} seeds, the same noise and labels for "
              "every model; ± is the standard error over the seeds). PPCL trains once for all ratios.",
              "", "| method | target | params | MACs | FD ratio | PSNR dB | guided acc | unguided acc | "
@@ -169,6 +182,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["ppcl", "depth-last", "depth-even", "width-l2"],
                    choices=["ppcl", *BASELINES])
     add_budget_args(p)
+    p.add_argument("--baseline-feature-weight", type=float, default=0.0,
+                   help="the baselines' hidden-state matching weight (0: output distillation only)")
     main_run(run, p.parse_args())
 
 
