@@ -45,7 +45,7 @@ def recipe_for(name: str, teacher: str, stage: dict, args) -> dict:
     return {
         "name": name,
         "model": {"source": teacher},
-        "calibration": {"num_samples": args.calibration, "seed": 0},
+        "calibration": {"num_samples": args.calibration, "seed": args.calibration_seed},
         "stages": [{"prune": stage}],
         "evaluation": {"num_samples": args.samples, "seeds": list(range(args.seeds)), "compare_samples": 100},
         "export": {"onnx": True},
@@ -80,7 +80,8 @@ def run(args) -> dict:
     rows, t0 = [], time.time()
 
     if "ppcl" in args.methods:
-        stage = {"method": "ppcl", "ratio": ratios[-1], "ratios": ratios[:-1], "recover": recover}
+        stage = {"method": "ppcl", "ratio": ratios[-1], "ratios": ratios[:-1], "recover": recover,
+                 "anchor": args.ppcl_anchor}
         r = run_recipe(parse_recipe(recipe_for("ppcl", args.teacher, stage, args), "benchmark"), out / "ppcl",
                        teacher, calib, evaluator)
         training = r["stages"][0]["recovery"]
@@ -102,8 +103,10 @@ def run(args) -> dict:
             rows.append(row(method, ratio, r, r["stages"][0]["recovery"]))
         (out / "results.partial.json").write_text(json.dumps(rows, indent=2))
     result = {"teacher": args.teacher, "steps": args.steps, "batch_size": args.batch_size,
+              "ppcl_anchor": args.ppcl_anchor,
               "baseline_feature_weight": args.baseline_feature_weight,
-              "calibration_samples": args.calibration, "eval_samples": args.samples, "eval_seeds": args.seeds,
+              "calibration_samples": args.calibration, "calibration_seed": args.calibration_seed,
+              "eval_samples": args.samples, "eval_seeds": args.seeds,
               "wall_seconds": round(time.time() - t0, 1), "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     write_table(out / "results.md", result)
@@ -130,11 +133,14 @@ def _baseline_features(result: dict) -> str:
 
 def write_table(path: Path, result: dict) -> None:
     lines = [f"# PPCL vs baselines on `{result['teacher']}`", "",
-             f"Same calibration set ({result['calibration_samples']} teacher samples), same recovery "
+             f"Same calibration set ({result['calibration_samples']} teacher samples, seed "
+             f"{result.get('calibration_seed', 0)}), same recovery "
              f"({result['steps']} steps, batch {result['batch_size']}; baselines distil the teacher's prediction"
              f"{_baseline_features(result)}), same evaluator "
              f"({result['eval_samples']} samples x {result['eval_seeds']} seeds, the same noise and labels for "
-             "every model; ± is the standard error over the seeds). PPCL trains once for all ratios.",
+             "every model; ± is the standard error over the seeds). PPCL trains once for all ratios"
+             + (", each run's replacement chosen by a trial within its steps" if result.get("ppcl_anchor") == "trained"
+                else "") + ".",
              "", "| method | target | params | MACs | FD ratio | PSNR dB | guided acc | unguided acc | "
              "ONNX latency | recovery s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["target_ratio"], r["method"] != "ppcl", r["method"])):
@@ -182,6 +188,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["ppcl", "depth-last", "depth-even", "width-l2"],
                    choices=["ppcl", *BASELINES])
     add_budget_args(p)
+    p.add_argument("--ppcl-anchor", choices=["first", "trained"], default="first",
+                   help="PPCL's replacement for each run: a copy of its first block, or the block chosen by a "
+                        "trial (its steps come out of PPCL's budget)")
     p.add_argument("--baseline-feature-weight", type=float, default=0.0,
                    help="the baselines' hidden-state matching weight (0: output distillation only)")
     main_run(run, p.parse_args())
@@ -193,6 +202,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--calibration", type=int, default=512)
+    p.add_argument("--calibration-seed", type=int, default=0,
+                   help="seed of the calibration set every student trains on: another seed is a training replicate "
+                        "(other teacher samples, noise and batch order; the evaluator stays the same)")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--seeds", type=int, default=3)
 
