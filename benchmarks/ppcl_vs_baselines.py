@@ -80,8 +80,7 @@ def run(args) -> dict:
     rows, t0 = [], time.time()
 
     if "ppcl" in args.methods:
-        stage = {"method": "ppcl", "ratio": ratios[-1], "ratios": ratios[:-1], "recover": recover,
-                 "anchor": args.ppcl_anchor}
+        stage = {"method": "ppcl", "ratio": ratios[-1], "ratios": ratios[:-1], "recover": recover}
         r = run_recipe(parse_recipe(recipe_for("ppcl", args.teacher, stage, args), "benchmark"), out / "ppcl",
                        teacher, calib, evaluator)
         training = r["stages"][0]["recovery"]
@@ -103,7 +102,6 @@ def run(args) -> dict:
             rows.append(row(method, ratio, r, r["stages"][0]["recovery"]))
         (out / "results.partial.json").write_text(json.dumps(rows, indent=2))
     result = {"teacher": args.teacher, "steps": args.steps, "batch_size": args.batch_size,
-              "ppcl_anchor": args.ppcl_anchor,
               "baseline_feature_weight": args.baseline_feature_weight,
               "calibration_samples": args.calibration, "calibration_seed": args.calibration_seed,
               "eval_samples": args.samples, "eval_seeds": args.seeds,
@@ -138,9 +136,7 @@ def write_table(path: Path, result: dict) -> None:
              f"({result['steps']} steps, batch {result['batch_size']}; baselines distil the teacher's prediction"
              f"{_baseline_features(result)}), same evaluator "
              f"({result['eval_samples']} samples x {result['eval_seeds']} seeds, the same noise and labels for "
-             "every model; ± is the standard error over the seeds). PPCL trains once for all ratios"
-             + (", each run's replacement chosen by a trial within its steps" if result.get("ppcl_anchor") == "trained"
-                else "") + ".",
+             "every model; ± is the standard error over the seeds). PPCL trains once for all ratios.",
              "", "| method | target | params | MACs | FD ratio | PSNR dB | guided acc | unguided acc | "
              "ONNX latency | recovery s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["target_ratio"], r["method"] != "ppcl", r["method"])):
@@ -188,9 +184,6 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["ppcl", "depth-last", "depth-even", "width-l2"],
                    choices=["ppcl", *BASELINES])
     add_budget_args(p)
-    p.add_argument("--ppcl-anchor", choices=["first", "trained"], default="first",
-                   help="PPCL's replacement for each run: a copy of its first block, or the block chosen by a "
-                        "trial (its steps come out of PPCL's budget)")
     p.add_argument("--baseline-feature-weight", type=float, default=0.0,
                    help="the baselines' hidden-state matching weight (0: output distillation only)")
     main_run(run, p.parse_args())

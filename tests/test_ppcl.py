@@ -16,9 +16,8 @@ from dit_compress.export.onnx import export_onnx
 from dit_compress.models.families import get_adapter
 from dit_compress.models.load import LoadedModel
 from dit_compress.sampling import DEFAULT_SCHEDULER
-from dit_compress.stages.prune.ppcl import AnchorTrial, AnchorTrialObjective, ContiguousLayerObjective, Interval, \
-    PluggableSupernet, make_plans, plan_removal, plug_in_errors, streams
-from dit_compress.train.distill import DistillConfig, Distiller
+from dit_compress.stages.prune.ppcl import ContiguousLayerObjective, Interval, PluggableSupernet, make_plans, \
+    plan_removal, streams
 from dit_compress.stages.prune.width import attention_modules, replay_width_, width_prune_
 
 
@@ -53,41 +52,6 @@ def test_plans_collapse_each_run_into_its_first_block_unless_one_is_protected():
     states = [torch.randn(256, 8, generator=g) for _ in range(5)]
     plans, _ = make_plans(states, ["blocks"] * 4, {3}, [2], max_len=2)
     assert [iv.to_json() for iv in plans[2]] == [[0, 1, 0], [2, 3, 3]]
-
-
-def test_anchor_trial_picks_the_block_whose_trained_copy_stands_in_for_the_run(calibrated, tmp_path):
-    teacher, calib = calibrated("dit")
-    model = copy.deepcopy(teacher.model)
-    with torch.no_grad():  # AdaLN-Zero with zero modulation: both gates closed, block 2 is the identity
-        model.transformer_blocks[2].norm1.linear.weight.zero_()
-        model.transformer_blocks[2].norm1.linear.bias.zero_()
-    trial = AnchorTrial(model, teacher.adapter, [(1, 2), (2, 3)]).requires_grad_(True)
-    Distiller(model, trial, teacher.adapter, calib, DistillConfig(steps=4, batch_size=4), tmp_path,
-              objective=AnchorTrialObjective(teacher.adapter, trial)).run()
-    errors = plug_in_errors(model, teacher.adapter, trial.eval(), calib, batches=1, batch_size=4)
-    # block 1's copy is already the run 1..2 (and block 3's the run 2..3): zero loss, nothing to learn
-    assert errors["1-2@1"] < 1e-9 < errors["1-2@2"]
-    assert errors["2-3@3"] < 1e-9 < errors["2-3@2"]
-
-
-def test_trained_anchors_are_the_trial_winners_and_count_in_the_budget(calibrated, tmp_path):
-    teacher, calib = calibrated("sd3")
-    stage = get_stage("prune")
-    cfg = stage.config_cls.model_validate({"ratio": 0.5, "anchor": "trained", "anchor_steps": 2,
-                                           "recover": {"steps": 5, "batch_size": 4}})
-    student, meta = stage.apply(copy.deepcopy(teacher.model), cfg, StageContext(teacher, calib, tmp_path))
-    errors = meta["training"]["anchor_trial"]["plug_in_errors"]
-    assert meta["training"]["steps"] == 5
-    for first, last, anchor in meta["intervals"]:
-        if last == len(teacher.adapter.blocks(teacher.model)) - 1:
-            assert anchor == last, "SD3's last block (its text stream ends there) anchors its run"
-        else:
-            scores = {k: errors[f"{first}-{last}@{k}"] for k in range(first, last + 1)}
-            assert anchor == min(scores, key=scores.get)
-    assert len(teacher.adapter.blocks(student)) == 2
-    with pytest.raises(ValueError, match="anchor_steps"):
-        stage.config_cls.model_validate({"ratio": 0.5, "anchor": "trained", "anchor_steps": 5,
-                                         "recover": {"steps": 5}})
 
 
 def test_stage_rejects_ratios_that_collide_or_remove_nothing(calibrated, tmp_path):

@@ -46,12 +46,6 @@ class PruneConfig(StageConfig):
     # own (forcing smaller ratios onto a subset of the deepest plan's pairs measured no better: FD
     # 1.126 / 1.241 against 1.187 / 1.161 at 25 % on SD3 / DiT). Deep models (the paper's 60-block
     # MMDiT) have longer redundant runs: raise it there.
-    anchor: Literal["first", "trained"] = Field(
-        "first", description="ppcl: which block of a run becomes its replacement: the run's first block, or "
-                             "the one whose copy, trained on the run for `anchor_steps` steps, best stands in "
-                             "for it in the teacher")
-    anchor_steps: int = Field(200, ge=1, description="ppcl, anchor trained: steps of the trial, taken out of "
-                                                     "`recover.steps`")
     max_interval: int = Field(2, ge=2, description="ppcl: longest run that collapses into one block")
     contiguous_weight: float = Field(0.1, ge=0.0, description="ppcl: weight of the block losses on teacher inputs")
     width: WidthConfig | None = None
@@ -80,9 +74,6 @@ class PruneConfig(StageConfig):
             raise ValueError("depth: `width` belongs to methods ppcl and width")
         if m == "ppcl" and self.recover is None:
             raise ValueError("ppcl: `recover` is its contiguous-layer distillation and cannot be null")
-        if m == "ppcl" and self.anchor == "trained" and self.anchor_steps >= self.recover.steps:
-            raise ValueError(f"ppcl: anchor_steps ({self.anchor_steps}) come out of recover.steps "
-                             f"({self.recover.steps}) and must be fewer")
         return self
 
     def all_ratios(self) -> list[float]:

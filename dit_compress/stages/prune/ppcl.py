@@ -128,16 +128,13 @@ def make_plans(states: Sequence[torch.Tensor], groups: list[str], protected: set
 class PluggableSupernet(nn.Module):
     """A student holding a copy of every teacher block plus one replacement per planned run."""
 
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter, plans: list[list[Interval]],
-                 start: dict[str, nn.Module] | None = None):
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, plans: list[list[Interval]]):
         super().__init__()
         self.model, self.adapter = model, adapter
         self.plans = plans
         self.intervals = sorted({iv for plan in plans for iv in plan}, key=lambda iv: (iv.first, iv.last))
         blocks = self.blocks()
-        start = start or {}  # replacements already trained (by `AnchorTrial`), by interval key
-        self.replacements = nn.ModuleDict({iv.key: copy.deepcopy(start.get(iv.key, blocks[iv.anchor]))
-                                           for iv in self.intervals})
+        self.replacements = nn.ModuleDict({iv.key: copy.deepcopy(blocks[iv.anchor]) for iv in self.intervals})
         # Blocks that some ratio keeps; the others only ever serve as anchors' initialisation.
         self.kept_somewhere = [i for i in range(len(blocks))
                                if any(all(i not in iv.blocks() for iv in plan) for plan in plans)]
@@ -213,11 +210,20 @@ def streams(output) -> list[torch.Tensor]:
     return [o for o in outs if torch.is_tensor(o)]
 
 
-class TeacherTaps(Objective):
-    """An objective that records, on every teacher forward, each block's call (hidden states and
-    conditioning) and output, and scores student blocks against those outputs."""
+class ContiguousLayerObjective(Objective):
+    """For the assembled student of the step's ratio: output MSE + feature_weight x the
+    teacher-normalised MSE of each block's output against the teacher's where its run ends;
+    plus contiguous_weight x the same for every block / replacement fed teacher hidden states."""
 
-    adapter: FamilyAdapter
+    def __init__(self, adapter: FamilyAdapter, supernet: PluggableSupernet, contiguous_weight: float,
+                 feature_weight: float):
+        self.adapter, self.weight, self.feature_weight = adapter, contiguous_weight, feature_weight
+        self.targets = supernet.targets()
+        self.schedule = plan_schedule([sum(iv.saves for iv in plan) for plan in supernet.plans])
+        self.plans = [plan_to_json(plan) for plan in supernet.plans]
+
+    def describe(self):
+        return f"ppcl {self.weight} {self.feature_weight} {self.plans}"
 
     def attach(self, teacher, student):
         blocks = [b for _, _, b in self.adapter.blocks(teacher)]
@@ -237,31 +243,6 @@ class TeacherTaps(Objective):
         self.handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
         self.handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
 
-    def _nmse(self, output, teacher_block: int) -> torch.Tensor:
-        """Teacher-normalised MSE over every stream (image, and text where the block has one)."""
-        return torch.stack([normalised_mse(s, t)
-                            for s, t in zip(streams(output), streams(self.outs[teacher_block]))]).mean()
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-class ContiguousLayerObjective(TeacherTaps):
-    """For the assembled student of the step's ratio: output MSE + feature_weight x the
-    teacher-normalised MSE of each block's output against the teacher's where its run ends;
-    plus contiguous_weight x the same for every block / replacement fed teacher hidden states."""
-
-    def __init__(self, adapter: FamilyAdapter, supernet: PluggableSupernet, contiguous_weight: float,
-                 feature_weight: float):
-        self.adapter, self.weight, self.feature_weight = adapter, contiguous_weight, feature_weight
-        self.targets = supernet.targets()
-        self.schedule = plan_schedule([sum(iv.saves for iv in plan) for plan in supernet.plans])
-        self.plans = [plan_to_json(plan) for plan in supernet.plans]
-
-    def describe(self):
-        return f"ppcl {self.weight} {self.feature_weight} {self.plans}"
-
     def loss(self, step, batch, teacher, student):
         x, t, cond = batch.x_t, batch.t, batch.cond
         with torch.no_grad():
@@ -273,60 +254,14 @@ class ContiguousLayerObjective(TeacherTaps):
         loss = out_loss + self.feature_weight * torch.stack(chained).mean() + self.weight * torch.stack(forced).mean()
         return loss, out_loss
 
+    def _nmse(self, output, teacher_block: int) -> torch.Tensor:
+        """Teacher-normalised MSE over every stream (image, and text where the block has one)."""
+        return torch.stack([normalised_mse(s, t)
+                            for s, t in zip(streams(output), streams(self.outs[teacher_block]))]).mean()
 
-class AnchorTrial(nn.Module):
-    """Which block of a run should become its replacement is decided by training, not guessed:
-    one candidate per block of each unprotected run, each a copy of that block trained by the
-    contiguous-layer loss alone (the teacher's hidden states entering the run -> leaving it)."""
-
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter, runs: list[tuple[int, int]]):
-        super().__init__()
-        blocks = [b for _, _, b in adapter.blocks(model)]
-        self.runs = runs
-        self.candidates = nn.ModuleDict({f"{a}-{b}@{k}": copy.deepcopy(blocks[k])
-                                         for a, b in runs for k in range(a, b + 1)})
-
-    def forward(self, calls):
-        return {key: c(*calls[int(key.split("-")[0])][0], **calls[int(key.split("-")[0])][1])
-                for key, c in self.candidates.items()}
-
-
-class AnchorTrialObjective(TeacherTaps):
-    """Mean teacher-normalised MSE of every candidate against the teacher where its run ends
-    (returned twice: there is no assembled output to log)."""
-
-    def __init__(self, adapter: FamilyAdapter, trial: AnchorTrial):
-        self.adapter = adapter
-        self.ends = {key: int(key.split("@")[0].split("-")[1]) for key in trial.candidates}
-
-    def describe(self):
-        return f"ppcl anchor trial {sorted(self.ends)}"
-
-    def loss(self, step, batch, teacher, student):
-        with torch.no_grad():
-            self.adapter.denoise(teacher, batch.x_t, batch.t, batch.cond)
-        outputs = student(self.calls)
-        loss = torch.stack([self._nmse(out, self.ends[key]) for key, out in outputs.items()]).mean()
-        return loss, loss.detach()
-
-
-@torch.no_grad()
-def plug_in_errors(teacher: nn.Module, adapter: FamilyAdapter, trial: AnchorTrial, calib,
-                   batches: int = 2, batch_size: int = 32, first_batch: int = 30_000_000) -> dict[str, float]:
-    """Each trained candidate plugged into the teacher in place of its whole run (every other
-    block the teacher's): MSE of the prediction against the teacher's / the teacher's variance,
-    on calibration batches the trial did not train on."""
-    errors = dict.fromkeys(trial.candidates, 0.0)
-    for k in range(batches):
-        b = calib.batch(first_batch + k, batch_size)
-        target = adapter.denoise(teacher, b.x_t, b.t, b.cond)
-        for key, candidate in trial.candidates.items():
-            (a, last), anchor = map(int, key.split("@")[0].split("-")), int(key.split("@")[1])
-            net = PluggableSupernet(teacher, adapter, [], start={})
-            net.replacements[f"{a}-{last}"] = candidate
-            with net.assembled([Interval(a, last, anchor)]) as model:
-                errors[key] += float(normalised_mse(adapter.denoise(model, b.x_t, b.t, b.cond), target)) / batches
-    return errors
+    def close(self):
+        for h in self.handles:
+            h.remove()
 
 
 def plan_schedule(weights: list[int]) -> list[int]:

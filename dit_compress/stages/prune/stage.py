@@ -207,18 +207,12 @@ class PruneStage(Stage):
             log.info("ppcl: width pruning (heads %.0f%%, FFN %.0f%%, %s)", 100 * width.heads, 100 * width.ffn,
                      width.importance)
             width_prune_(model, adapter, ctx.calibration, width.heads, width.ffn, width.importance)
-        recover, start, trial = config.recover, {}, None
-        if config.anchor == "trained":
-            plans, start, trial = self._anchor_trial(model, adapter, config, ctx, plans, protected)
-            recover = recover.model_copy(update={"steps": recover.steps - config.anchor_steps})
-        supernet = PluggableSupernet(model, adapter, [plans[s] for s in order], start)
+        supernet = PluggableSupernet(model, adapter, [plans[s] for s in order])
         supernet.requires_grad_(True)
-        objective = ContiguousLayerObjective(adapter, supernet, config.contiguous_weight, recover.feature_weight)
-        training = Distiller(ctx.teacher.model, supernet, ctx.teacher.adapter, ctx.calibration, recover,
+        objective = ContiguousLayerObjective(adapter, supernet, config.contiguous_weight,
+                                             config.recover.feature_weight)
+        training = Distiller(ctx.teacher.model, supernet, ctx.teacher.adapter, ctx.calibration, config.recover,
                              ctx.work_dir, desc="ppcl distill", objective=objective).run()
-        if trial:  # the trial's steps and time are part of the recovery budget
-            training = {**training, "steps": training["steps"] + trial["steps"],
-                        "seconds": round(training["seconds"] + trial["seconds"], 1), "anchor_trial": trial}
         supernet.eval().requires_grad_(False)
 
         def adapter_for(m):
@@ -245,31 +239,6 @@ class PruneStage(Stage):
             elif ctx.save_variant is not None:
                 ctx.save_variant(f"ratio-{r:g}", deployed, metadata)
         return result
-
-    def _anchor_trial(self, model, adapter, config: PruneConfig, ctx: StageContext, plans, protected):
-        """Train a copy of every block of each planned unprotected run to stand in for the run, plug
-        each into the teacher, and anchor the run at the block whose copy disturbs its prediction least;
-        that trained copy starts the replacement."""
-        from .ppcl import AnchorTrial, AnchorTrialObjective, Interval, plug_in_errors
-
-        runs = sorted({(iv.first, iv.last) for plan in plans.values() for iv in plan
-                       if not protected & set(iv.blocks())})
-        if not runs:
-            return plans, {}, None
-        log.info("ppcl: anchor trial of %d runs (%d steps)", len(runs), config.anchor_steps)
-        trial = AnchorTrial(model, adapter, runs).requires_grad_(True)
-        cfg = config.recover.model_copy(update={"steps": config.anchor_steps, "feature_weight": 0.0})
-        seconds = Distiller(ctx.teacher.model, trial, ctx.teacher.adapter, ctx.calibration, cfg,
-                            ctx.work_dir / "anchor-trial", desc="ppcl anchor trial",
-                            objective=AnchorTrialObjective(adapter, trial)).run()["seconds"]
-        trial.eval().requires_grad_(False)
-        errors = plug_in_errors(ctx.teacher.model, ctx.teacher.adapter, trial, ctx.calibration)
-        best = {(a, b): min(range(a, b + 1), key=lambda k: errors[f"{a}-{b}@{k}"]) for a, b in runs}
-        plans = {s: [Interval(iv.first, iv.last, best.get((iv.first, iv.last), iv.anchor)) for iv in plan]
-                 for s, plan in plans.items()}
-        start = {f"{a}-{b}": trial.candidates[f"{a}-{b}@{k}"] for (a, b), k in best.items()}
-        return plans, start, {"steps": config.anchor_steps, "seconds": seconds,
-                              "plug_in_errors": {k: round(v, 6) for k, v in errors.items()}}
 
     def restore(self, model, config, metadata, adapter):
         remove_blocks_(model, adapter, metadata["removed"])
