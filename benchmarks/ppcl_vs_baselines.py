@@ -18,6 +18,8 @@ leaves PPCL only its probe-planned intervals and its block losses on teacher inp
 Usage:
   python benchmarks/ppcl_vs_baselines.py --teacher zoo:digits-dit --out exports/bench-ppcl-dit
 Writes results.json, results.md and results.png under --out, plus one run folder per student.
+`--calibration-seed 1` repeats the run on other training data (a replicate);
+`benchmarks/ppcl_replicates.py` puts replicates side by side.
 """
 
 from __future__ import annotations
