@@ -32,6 +32,8 @@ def render(results: list[dict], sources: list[str]) -> str:
     if len(teachers) != 1:
         raise SystemExit(f"replicates must share one teacher, got {sorted(teachers)}")
     table = fd_table(results)
+    present = {key: [f for f in fds if f is not None] for key, fds in table.items()}
+    means = {key: sum(fs) / len(fs) for key, fs in present.items()}
     seeds = [r.get("calibration_seed", 0) for r in results]
     head = " | ".join(f"seed {s}" for s in seeds)
     lines = [f"# PPCL vs baselines on `{teachers.pop()}`: training replicates", "",
@@ -41,10 +43,10 @@ def render(results: list[dict], sources: list[str]) -> str:
              "Runs: " + ", ".join(f"`{s}`" for s in sources), "",
              f"| ratio | method | {head} | mean ± half-range |", "|---|---|" + "---|" * len(seeds) + "---|"]
     for (ratio, method), fds in sorted(table.items()):
-        done = [f for f in fds if f is not None]
+        done = present[(ratio, method)]
         cells = " | ".join("n/a" if f is None else f"{f:.3f}" for f in fds)
         spread = (max(done) - min(done)) / 2 if len(done) > 1 else float("nan")
-        lines.append(f"| {ratio:g} | {method} | {cells} | {sum(done) / len(done):.3f} ± {spread:.3f} |")
+        lines.append(f"| {ratio:g} | {method} | {cells} | {means[(ratio, method)]:.3f} ± {spread:.3f} |")
     lines += ["", "| ratio | " + head + " | best by mean |", "|---|" + "---|" * len(seeds) + "---|"]
     for ratio in sorted({r for r, _ in table}):
         rows = {m: fds for (r, m), fds in table.items() if r == ratio}
@@ -52,8 +54,8 @@ def render(results: list[dict], sources: list[str]) -> str:
         for k in range(len(results)):
             scored = {m: fds[k] for m, fds in rows.items() if fds[k] is not None}
             best.append(min(scored, key=scored.get) if scored else "n/a")
-        means = {m: sum(f for f in fds if f is not None) / sum(f is not None for f in fds) for m, fds in rows.items()}
-        lines.append(f"| {ratio:g} | " + " | ".join(best) + f" | {min(means, key=means.get)} |")
+        by_mean = min(rows, key=lambda m: means[(ratio, m)])
+        lines.append(f"| {ratio:g} | " + " | ".join(best) + f" | {by_mean} |")
     return "\n".join(lines) + "\n"
 
 
