@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _provenance import stamp, with_header
 from ppcl_vs_baselines import _f, main_run
 
 from dit_compress.adapters.serve import task_samples
@@ -114,7 +115,7 @@ def run(args) -> dict:
     (out / "results.partial.json").write_text(json.dumps(result, indent=2))
     result["recovery"] = recover(args, teacher, out) if args.recovery_steps else []
     result["wall_seconds"] = round(time.time() - t0, 1)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
     write_table(out / "results.md", result)
     return result
 
@@ -155,7 +156,7 @@ def write_table(path: Path, result: dict) -> None:
                 f"({m['gradients_and_adam_mb']:.1f} / {m['saved_activations_mb']:.1f}) | "
                 f"{_f(r['final_output_mse'], '{:.4f}')} | {_f(r['fd_ratio'])} | {_f(r['psnr_db'], '{:.2f}')} | "
                 f"{_f(r['guided_accuracy'])} | {r['seconds']:.0f} |")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(with_header("\n".join(lines) + "\n", result))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _provenance import stamp, with_header
 
 from dit_compress.evaluate.cost import alternating_latency
 from dit_compress.export.onnx import ort_session
@@ -201,8 +202,8 @@ def write(out: Path, result: dict) -> None:
             lines.append(f"| {r['tokens']} | {fmt(r['torch_ms'], 'softmax')} | {fmt(r['torch_ms'], 'lit')} | "
                          f"{fmt(r['torch_ms'], 'clear')} | {fmt(r['onnx_ms'], 'softmax')} | "
                          f"{fmt(r['onnx_ms'], 'lit')} | {fmt(r['onnx_ms'], 'clear')} |")
-    lines += ["", f"![latency]({out.with_suffix('.png').name})", "", f"Command: `{result['command']}`"]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    lines += ["", f"![latency]({out.with_suffix('.png').name})"]
+    out.with_suffix(".md").write_text(with_header("\n".join(lines) + "\n", result))
 
 
 def main() -> None:
@@ -229,7 +230,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result["layer"] = layer_rows(args, Path(tmp))
         result["model"] = model_rows(args, Path(tmp)) if args.model_tokens else []
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(stamp(result), indent=2) + "\n")
     write(out, result)
     print(out.with_suffix(".md").read_text())
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from _provenance import stamp, with_header
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits-dit-depth50.yaml"
 SMALL_RUN = ["calibration.num_samples=256", "evaluation.num_samples=50", "evaluation.seeds=[0]", "evaluation.compare_samples=8",
@@ -62,9 +64,9 @@ def weight_gap(a: str, b: str, teacher: str = "zoo:digits-dit") -> dict:
                                                                                    for k in wa)}
 
 
-def markdown(r: dict, argv: str) -> str:
+def markdown(r: dict) -> str:
     lines = ["# Distillation on 1 and 2 processes (CPU, gloo)", "",
-             f"Command: `python benchmarks/distributed_scaling.py {argv}` (2-core CPU). Recipe "
+             "Recipe "
              f"`recipes/digits-dit-depth50.yaml`, {r['steps']} recovery steps at global batch {r['batch_size']}, "
              "launched with `torchrun --nproc_per_node N -m dit_compress.cli run`.", "",
              "| run | processes x threads | recovery (s) | samples/s | tokens/s | final output MSE | FD ratio |",
@@ -79,7 +81,7 @@ def markdown(r: dict, argv: str) -> str:
                   f"x{r['speedup_2p_over_1p2t']:.2f}.",
               f"- 2-process student vs 1-process student: weight difference {g['weights_diff_over_update']:.1e} of "
               f"the recovery update (max abs {g['max_abs_weight_diff']:.1e}).", ""]
-    return "\n".join(lines)
+    return with_header("\n".join(lines), r)
 
 
 def main() -> None:
@@ -97,9 +99,9 @@ def main() -> None:
               "speedup_2p_over_1p2t": two / threads,
               "equality": weight_gap(runs["1 process"]["checkpoint"], runs["2 processes"]["checkpoint"])}
     results = Path(__file__).parent / "results"
-    (results / "distributed-scaling.json").write_text(json.dumps(result, indent=2) + "\n")
-    (results / "distributed-scaling.md").write_text(markdown(result, " ".join(sys.argv[1:])))
-    print(markdown(result, " ".join(sys.argv[1:])))
+    (results / "distributed-scaling.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
+    (results / "distributed-scaling.md").write_text(markdown(result))
+    print(markdown(result))
 
 
 if __name__ == "__main__":

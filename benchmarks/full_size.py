@@ -31,6 +31,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from _provenance import stamp, with_header
 from full_size_export import CONFIGS
 
 from dit_compress.core.phases import PhaseMeter
@@ -176,10 +177,9 @@ def child(args, role: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def markdown(r: dict, argv: str) -> str:
+def markdown(r: dict) -> str:
     rec, mem = r["recovery"], r["recovery"]["training_memory"]
     lines = [f"# Full-size pipeline: {r['config']} ({r['class_name']}, random weights)", "",
-             f"Command: `python benchmarks/full_size.py {argv}` (2-core CPU, 24 GB RAM, no GPU).", "",
              f"{r['teacher_parameters'] / 1e9:.3f} B -> {r['student_parameters'] / 1e9:.3f} B parameters: PPCL plan "
              f"for {len(r['removed_blocks'])} of {r['blocks']} blocks (runs {r['ppcl_intervals']} as [first, last, "
              f"kept]), then width pruning of {r['width_ratio']:.0%} of the parameters, then {rec['steps']} TD-LoRA "
@@ -205,7 +205,7 @@ def markdown(r: dict, argv: str) -> str:
               f"| recovery: trainable parameters | {rec['trainable_parameters'] / 1e6:.2f} M |",
               f"| recovery: training memory (weights + grads + AdamW + saved activations) | "
               f"{mem['total_mb'] / 1024:.2f} GB |" if mem else "| recovery memory | - |"]
-    return "\n".join(lines) + "\n"
+    return with_header("\n".join(lines) + "\n", r)
 
 
 def main() -> None:
@@ -229,8 +229,8 @@ def main() -> None:
         result["phases"].update(extra.pop("phases"))
         result.update(extra)
     results = Path(__file__).parent / "results"
-    (results / f"full-size-pipeline-{args.config}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (results / f"full-size-pipeline-{args.config}.md").write_text(markdown(result, " ".join(sys.argv[1:])))
+    (results / f"full-size-pipeline-{args.config}.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
+    (results / f"full-size-pipeline-{args.config}.md").write_text(markdown(result))
     print(json.dumps(result, indent=2))
 
 

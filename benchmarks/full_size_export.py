@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from _provenance import stamp, with_header
+
 from dit_compress.core.phases import peak_rss_gb
 
 CONFIGS = {
@@ -136,15 +138,14 @@ def main() -> None:
     result["variants"] = {kind: derive_variant(result["onnx"], kind) for kind in args.precision}
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
-    (results / f"full-size-{args.config}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (results / f"full-size-{args.config}.md").write_text(markdown(result, " ".join(sys.argv[1:])))
+    (results / f"full-size-{args.config}.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
+    (results / f"full-size-{args.config}.md").write_text(markdown(result))
     print(json.dumps(result, indent=2))
 
 
-def markdown(r: dict, argv: str) -> str:
+def markdown(r: dict) -> str:
     gb = 1e9
     lines = [f"# Full-size export: {r['config']} ({r['class_name']}, random weights)", "",
-             f"Command: `python benchmarks/full_size_export.py {argv}` (2-core CPU, 24 GB RAM).", "",
              "| figure | value |", "|---|---|",
              f"| parameters | {r['parameters'] / 1e9:.3f} B |",
              f"| graph input | latent {r['latent_size']}x{r['latent_size']}, {r['text_tokens']} text tokens, batch dynamic |",
@@ -161,7 +162,7 @@ def markdown(r: dict, argv: str) -> str:
         size = sum(v["files_bytes"].values()) / gb
         lines.append(f"| {kind} variant: time / size / max rel. error vs fp32 / process peak RSS so far | {v['seconds']} s / "
                      f"{size:.2f} GB / {v['max_rel_error']:.3g} / {v['process_peak_rss_gb']} GB |")
-    return "\n".join(lines) + "\n"
+    return with_header("\n".join(lines) + "\n", r)
 
 
 if __name__ == "__main__":

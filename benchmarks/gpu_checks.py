@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from _provenance import stamp, with_header
 
 from dit_compress.evaluate.cost import alternating_latency
 
@@ -289,8 +290,7 @@ def write(out: Path, r: dict) -> None:
         lines += [f"## One FFN (width {m['width']}) vs its MoE, {m['tokens']} tokens, bf16", "",
                   f"dense {m['ms']['dense']} ms, MoE {m['ms']['moe']} ms (x{m['vs_dense']}). "
                   "Top CUDA kernels of 5 MoE calls:", "", "```", m["profile_moe_x5"].strip(), "```", ""]
-    lines.append(f"Command: `{r.get('command')}`")
-    (out / "gpu-checks.md").write_text("\n".join(lines) + "\n")
+    (out / "gpu-checks.md").write_text(with_header("\n".join(lines) + "\n", r))
 
 
 def main() -> None:
@@ -312,7 +312,7 @@ def main() -> None:
     if args.render:
         write(out, json.loads(Path(args.render).read_text()))
         return
-    result = {"command": "python " + " ".join(sys.argv)}
+    result = stamp({})
     work = {"env": env,
             "numerics": lambda: numerics(args.models, 64, args.repeats),
             "attention": lambda: attention(args.tokens, 512, 8, args.repeats),

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _provenance import stamp, with_header
 
 from dit_compress.evaluate.cost import paired_latency
 from dit_compress.export.onnx import ort_session
@@ -167,8 +168,7 @@ def write_table(path: Path, result: dict) -> None:
             lines.append(f"| {r['batch']} | {r['image_tokens']} | {r['torch_dense_ms']:.1f} | {r['torch_moe_ms']:.1f} | "
                          f"{r['torch_ratio']:.3f} | {r['onnx_dense_ms']:.1f} | {r['onnx_moe_ms']:.1f} | "
                          f"{r['onnx_ratio']:.3f} |")
-    lines += ["", f"Command: `{result['command']}`"]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(with_header("\n".join(lines) + "\n", result))
 
 
 def main() -> None:
@@ -189,7 +189,7 @@ def main() -> None:
         result["layer"] = [] if args.skip_layer else layer(args.tokens, args.repeats, Path(tmp))
         if not args.skip_model:
             result["model"] = model(args.family, args.layers, args.batches, args.repeats, Path(tmp))
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(stamp(result), indent=2) + "\n")
     write_table(out.with_suffix(".md"), result)
     print(out.with_suffix(".md").read_text())
 

@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from _provenance import stamp, with_header
 from ppcl_vs_baselines import _f, add_budget_args, main_run, recipe_for, row
 
 from dit_compress.core.pipeline import load_teacher, run_recipe
@@ -73,7 +74,7 @@ def run(args) -> dict:
               "calibration_samples": args.calibration, "eval_samples": args.samples, "eval_seeds": args.seeds,
               "teacher_quality": {k: v for k, v in r["quality"].items() if k.endswith("_teacher")},
               "wall_seconds": round(time.time() - t0, 1), "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
     write_table(out / "results.md", result)
     return result
 
@@ -95,7 +96,7 @@ def write_table(path: Path, result: dict) -> None:
             f"{_f(r['unguided_accuracy'])} | {_f(r['onnx_latency_ratio'])} | {_f(r['torch_latency_ratio'])} | "
             f"{_f(r['recovery_seconds'], '{:.0f}')} |")
     lines += ["", "Ratios are against the dense teacher; latencies are timed in alternation with it (batch 16)."]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(with_header("\n".join(lines) + "\n", result))
 
 
 def main() -> None:

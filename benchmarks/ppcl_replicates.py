@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from _provenance import with_header
+
 
 def fd_table(results: list[dict]) -> dict[tuple[float, str], list[float]]:
     """(target ratio, method) -> the FD ratio of each run, in the order of `results`."""
@@ -65,7 +67,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="markdown file to write")
     args = p.parse_args()
     results = [json.loads(Path(r).read_text()) for r in args.results]
-    text = render(results, args.results)
+    text = with_header(render(results, args.results), {})
     Path(args.out).write_text(text)
     print(text)
 

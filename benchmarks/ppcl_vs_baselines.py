@@ -30,6 +30,8 @@ import logging
 import time
 from pathlib import Path
 
+from _provenance import stamp, with_header
+
 from dit_compress.core.pipeline import load_teacher, run_recipe
 from dit_compress.core.recipe import parse_recipe
 from dit_compress.data.calibration import build_calibration
@@ -108,7 +110,7 @@ def run(args) -> dict:
               "calibration_samples": args.calibration, "calibration_seed": args.calibration_seed,
               "eval_samples": args.samples, "eval_seeds": args.seeds,
               "wall_seconds": round(time.time() - t0, 1), "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
     write_table(out / "results.md", result)
     plot(out / "results.png", result)
     return result
@@ -150,7 +152,7 @@ def write_table(path: Path, result: dict) -> None:
             f"{_f(r.get('unguided_accuracy'))} | {_f(r.get('onnx_latency_ratio'))} | "
             f"{_f(r.get('recovery_seconds'), '{:.0f}')}{shared} |")
     lines += ["", "![results](results.png)"]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(with_header("\n".join(lines) + "\n", result))
 
 
 def plot(path: Path, result: dict) -> None:
