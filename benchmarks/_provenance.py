@@ -63,7 +63,9 @@ def header(p: dict) -> str:
     commit = p.get("commit") or "not recorded"
     if p.get("dirty"):
         commit += " (with uncommitted changes)"
-    return (f"> Command: `{p.get('command') or 'not recorded'}` · date: {p.get('date') or 'not recorded'} · "
+    command = p.get("command") or "not recorded"
+    shown = command if command.startswith("not recorded") else f"`{command}`"
+    return (f"> Command: {shown} · date: {p.get('date') or 'not recorded'} · "
             f"commit: {commit} · machine: {p.get('machine') or 'not recorded'}")
 
 
