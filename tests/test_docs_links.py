@@ -42,3 +42,8 @@ def test_relative_links_resolve(doc: Path):
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_bytes()) <= 12 * 1024
+
+
+def test_the_readme_shows_the_main_recipe_as_it_is():
+    shown = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert (ROOT / "recipes" / "digits-dit-depth50.yaml").read_text() in shown
