@@ -39,10 +39,12 @@ def machine() -> str:
 
 
 def command(argv: list[str] | None = None) -> str:
+    """The command line as typed, run from the repository root (or `cd DIR && ...` from elsewhere,
+    so that relative paths among the arguments keep their meaning)."""
     argv = sys.argv if argv is None else argv
-    script = Path(argv[0]).resolve()
-    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else Path(argv[0])
-    return "python " + shlex.join([str(shown), *argv[1:]])
+    line = "python " + shlex.join(argv)
+    cwd = Path.cwd().resolve()
+    return line if cwd == ROOT else f"cd {shlex.quote(os.path.relpath(cwd, ROOT))} && {line}"
 
 
 def provenance(argv: list[str] | None = None) -> dict:
