@@ -461,13 +461,13 @@ def adapter_sample(source: str, folders: tuple[Path, ...], active: str | None, l
     import torch
 
     from .adapters.serve import task_samples, with_adapters
+    from .adapters.store import adapter_config, adapter_names
     from .core.manifest import load_any
     from .evaluate.report import save_image_rows
 
     loaded = with_adapters(load_any(source), list(folders), active)
-    config = loaded.model._ditc_adapters
-    active = active or next(iter(config))
-    n_classes = config[active].get("num_task_classes", 1)
+    active = active or adapter_names(loaded.model)[0]
+    n_classes = adapter_config(loaded.model, active).get("num_task_classes", 1)
     lab = torch.tensor(_ints(labels, "--labels")) if labels else torch_labels(n_classes, num)
     samples = task_samples(loaded, lab, steps, guidance, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -493,6 +493,7 @@ def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, b
     """Export SOURCE with an adapter to ONNX, with the parity check."""
     from .adapters.export import export_baked
     from .adapters.serve import with_adapters
+    from .adapters.store import method_of
     from .core.manifest import load_any
     from .data.calibration import resolved_sampling
     from .errors import AdapterError
@@ -502,7 +503,7 @@ def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, b
     loaded = with_adapters(load_any(source), list(folders), active)
     card = deployment_card(loaded, *resolved_sampling(loaded, bake_steps, None))
     if bake_steps:
-        if loaded.model._ditc_adapter_method != "td_lora":
+        if method_of(loaded.model) != "td_lora":
             raise AdapterError("--bake-steps applies to TD-LoRA adapters (the others have one fixed update)")
         schedule = export_baked(loaded, out, bake_steps, atol, card)
         worst = max(g["max_abs_error_vs_td_lora"] for g in schedule["graphs"])

@@ -83,7 +83,7 @@ def test_adapter_saves_loads_and_exports_with_parity(method, tmp_path):
     before = _out(m, model, inputs)
     folder = adapters.save_adapter(model, tmp_path / "faces", "faces")
     saved = json.loads((folder / "adapter_config.json").read_text())
-    assert saved["method"] == method
+    assert saved["peft_type"] == adapters.methods.PEFT_TYPES[method]
     prefix = adapters.METHODS[method][1].prefix
     from safetensors.torch import load_file
 
@@ -144,7 +144,7 @@ def test_bad_adapters_are_rejected_with_the_file_named(tmp_path):
     folder = adapters.save_adapter(model, tmp_path / "x", "x")
     other = copy.deepcopy(m.model)
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    cfg["config"]["r"] = 3
+    cfg["r"] = 3
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="adapter_model.safetensors.*shape"):
         adapters.load_adapter(other, folder)

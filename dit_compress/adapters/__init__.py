@@ -1,6 +1,11 @@
-"""Parameter-efficient adaptation: TD-LoRA, DiffScaler and plain LoRA as named peft adapters."""
+"""Parameter-efficient adaptation: TD-LoRA, DiffScaler and plain LoRA as named peft adapters.
 
-from .store import METHODS, adapter_names, attach, load_adapter, save_adapter, train_only, use  # noqa: F401
+Importing this package registers TD-LoRA and DiffScaler with peft (see `methods`).
+"""
+
+from .methods import METHODS
+from .store import adapter_names, attach, load_adapter, save_adapter, train_only, use  # noqa: F401
+from .td_lora import timestep_scale
 
 # Linear layers every family names the same way (attention projections and FFN), matched as suffixes.
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -16,8 +21,7 @@ def default_config(method: str, model, num_task_classes: int = 1) -> dict:
         # 3 experts of rank 2: the parameters of a rank-6 LoRA (+ routers). alpha = r * K makes the
         # update at uniform gates exactly that rank-6 LoRA at scale 1 (the gates sum to 1, so alpha = r
         # would start every expert at a third of LoRA's scale); the router then moves weight across t.
-        time_scale = 1000.0 if type(model).__name__ == "FluxTransformer2DModel" else 1.0
-        return {"r": 2, "num_experts": 3, "lora_alpha": 6, "time_scale": time_scale,
+        return {"r": 2, "num_experts": 3, "lora_alpha": 6, "time_scale": timestep_scale(model),
                 "target_modules": DEFAULT_TARGETS}
     if method == "diffscaler":
         return {"bottleneck": 4, "num_task_classes": num_task_classes,

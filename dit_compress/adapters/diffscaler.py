@@ -6,6 +6,7 @@ On the class-label embedding tables, a task brings its own class rows, initialis
 unconditional (null-label) row: while the task's adapter is active, labels 0..n-1 are the
 task's classes and the null label keeps the base row, so guidance works unchanged.
 Several tasks live in one model as named adapters; `set_adapter(name)` switches between them.
+The config's peft type is `DIFFSCALER`; `dit_compress.adapters.methods` registers it with peft.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ..errors import AdapterError
 
-PREFIX = "diffscaler_"
+DIFFSCALER, PREFIX = "DIFFSCALER", "diffscaler_"  # peft type and parameter prefix
 
 
 @dataclass
@@ -34,6 +35,7 @@ class DiffScalerConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.peft_type = DIFFSCALER
         if self.bottleneck < 1 or self.num_task_classes < 1:
             raise ValueError(f"DiffScaler needs bottleneck >= 1 and num_task_classes >= 1, got "
                              f"{self.bottleneck}, {self.num_task_classes}")

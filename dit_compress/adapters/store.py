@@ -1,76 +1,105 @@
 """Attach, switch, save and load named adapters on a model, for every method the toolchain offers.
 
-One folder per adapter: `adapter_config.json` (method + config) and `adapter_model.safetensors`
-holding only the method's parameters (selected by its prefix), keyed without the adapter's
-name as peft does, so an adapter loads under any name. Loading is weights-only and strict.
+The adapters are peft's own, used through `peft.functional` (peft's API for integrations such as
+diffusers'): `inject_adapter_in_model` adds one to the diffusers model in place, which stays the
+model every family adapter drives, and peft records its config in `model.peft_config`.
+
+A saved adapter is a peft adapter folder, written as `PeftModel.save_pretrained` writes one:
+`adapter_config.json` in peft's schema (its `peft_type` names the method) and
+`adapter_model.safetensors` keyed as a `PeftModel` keys its parameters, without the adapter's
+name, so it loads under any name, here or with `PeftModel.from_pretrained(base, folder)`.
+Anything else a tool keeps about an adapter (metrics, samples) goes in files beside the folder.
+Loading here is weights-only and strict: every key and shape must fit.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
 from pathlib import Path
 
 import torch.nn as nn
-from peft import LoraConfig, LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer, set_adapter
+from peft import PeftConfig
+from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_adapter, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterError, CheckpointError
-from .diffscaler import DiffScalerConfig, DiffScalerModel
-from .td_lora import TDLoraConfig, TDLoraModel
+from .methods import METHODS, PEFT_TYPES, method_for
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-
-# method -> (config class, tuner class). Plain LoRA is peft's own.
-METHODS = {
-    "lora": (LoraConfig, LoraModel),
-    "td_lora": (TDLoraConfig, TDLoraModel),
-    "diffscaler": (DiffScalerConfig, DiffScalerModel),
-}
+PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel names its base model's parameters
 
 
-def method_of(model: nn.Module) -> str | None:
-    return getattr(model, "_ditc_adapter_method", None)
+def _configs(model: nn.Module) -> dict[str, PeftConfig]:
+    return getattr(model, "peft_config", {})
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    return list(getattr(model, "_ditc_adapters", {}))
+    return list(_configs(model))
+
+
+def method_of(model: nn.Module) -> str | None:
+    """The method of the model's adapters (one per model), None without adapters."""
+    for name, config in _configs(model).items():
+        method = method_for(config.peft_type)
+        if method is None:
+            raise AdapterError(f"adapter {name!r} is a {config.peft_type} adapter, which the toolchain does not serve")
+        return method
+    return None
+
+
+def make_config(method: str, config: dict) -> PeftConfig:
+    """`method`'s peft config from a dict: the method's own fields, or a whole `adapter_config.json`."""
+    if method not in METHODS:
+        raise AdapterError(f"unknown adapter method {method!r}; available: {', '.join(METHODS)}")
+    config_cls = METHODS[method][0]
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(config_cls)})
+    if unknown:
+        raise AdapterError(f"{method} adapter config: unknown key(s) {unknown}")
+    peft_type = config.get("peft_type", PEFT_TYPES[method])
+    if getattr(peft_type, "value", peft_type) != PEFT_TYPES[method]:
+        raise AdapterError(f"{method} adapter config: peft_type is {peft_type!r}, not {PEFT_TYPES[method]!r}")
+    try:
+        return config_cls(**config)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{method} adapter config: {e}") from None
 
 
 def attach(model: nn.Module, method: str, config: dict, name: str = "default") -> nn.Module:
     """Add adapter `name` of `method` to `model` in place and make it the active one."""
-    if method not in METHODS:
-        raise AdapterError(f"unknown adapter method {method!r}; available: {', '.join(METHODS)}")
+    _inject(model, make_config(method, config), name)
+    return model
+
+
+def _inject(model: nn.Module, config: PeftConfig, name: str) -> None:
+    method = method_for(config.peft_type)
     if method_of(model) not in (None, method):
         raise AdapterError(f"the model already carries {method_of(model)} adapters; one method per model")
     if name in adapter_names(model):
         raise AdapterError(f"the model already has an adapter named {name!r}")
-    config_cls, tuner_cls = METHODS[method]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise AdapterError(f"{method} adapter config: unknown key(s) {unknown}")
-    try:
-        cfg = config_cls(**config)
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{method} adapter {name!r}: {e}") from None
     with warnings.catch_warnings():  # a second adapter on one model is what we want here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         try:
-            tuner_cls(model, cfg, name)
+            inject_adapter_in_model(config, model, name)
         except (TypeError, ValueError) as e:  # e.g. target_modules that name no layer of this model
+            _configs(model).pop(name, None)  # peft records the config before injecting
             raise AdapterError(f"{method} adapter {name!r} on {type(model).__name__}: {str(e).splitlines()[0]}") \
                 from None
-    model._ditc_adapter_method = method
-    model._ditc_adapters = {**getattr(model, "_ditc_adapters", {}), name: dict(config)}
     use(model, name)
-    return model
+
+
+def config_dict(config: PeftConfig) -> dict:
+    """A peft config as JSON-safe data, in the schema of `adapter_config.json`."""
+    out = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    out["peft_type"] = getattr(config.peft_type, "value", config.peft_type)
+    return out
 
 
 def adapter_config(model: nn.Module, name: str) -> dict:
-    return dict(model._ditc_adapters[name])
+    return config_dict(_configs(model)[name])
 
 
 def use(model: nn.Module, name: str) -> None:
@@ -82,7 +111,9 @@ def use(model: nn.Module, name: str) -> None:
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The parameters of adapter `name`, by their full names."""
-    prefix = _prefix(model)
+    if name not in adapter_names(model):
+        raise AdapterError(f"no adapter named {name!r}; the model has: {', '.join(adapter_names(model)) or 'none'}")
+    prefix = METHODS[method_of(model)][1].prefix
     return {n: p for n, p in model.named_parameters() if f".{prefix}" in n and f".{name}." in n + "."}
 
 
@@ -94,55 +125,69 @@ def train_only(model: nn.Module, name: str) -> int:
     return sum(p.numel() for p in chosen.values())
 
 
-def _prefix(model: nn.Module) -> str:
-    method = method_of(model)
-    if method is None:
-        raise AdapterError("the model has no adapters")
-    return METHODS[method][1].prefix
-
-
-def _strip(key: str, name: str) -> str:
-    return key.replace(f".{name}.", ".") if f".{name}." in key else key.removesuffix(f".{name}")
+def _state(model: nn.Module, name: str) -> dict:
+    """Adapter `name`'s tensors keyed as in its folder (peft's keys, without the adapter's name)."""
+    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    return {PEFT_MODEL_PREFIX + k: v for k, v in state.items()}
 
 
 def save_adapter(model: nn.Module, folder: str | Path, name: str) -> Path:
-    """Write adapter `name` (its config and only its parameters) to `folder`."""
+    """Write adapter `name` (its peft config and only its parameters) to `folder`."""
     folder = Path(folder)
-    params = adapter_parameters(model, name)
-    if not params:
+    if name not in adapter_names(model):
+        raise AdapterError(f"no adapter named {name!r}; the model has: {', '.join(adapter_names(model)) or 'none'}")
+    tensors = _state(model, name)
+    if not tensors:
         raise AdapterError(f"no parameters for adapter {name!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {_strip(n, name): p.detach().contiguous() for n, p in params.items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"method": method_of(model)})
-    (folder / CONFIG_FILE).write_text(json.dumps(
-        {"method": method_of(model), "config": model._ditc_adapters[name]}, indent=2) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    config = copy.deepcopy(_configs(model)[name])
+    config.inference_mode = True  # as peft saves: a loaded adapter serves until asked to train
+    config.save_pretrained(str(folder), auto_mapping_dict={"base_model_class": type(model).__name__,
+                                                           "parent_library": type(model).__module__})
     return folder
+
+
+def read_config(folder: str | Path) -> tuple[str, PeftConfig]:
+    """The method and peft config of the adapter saved in `folder`, or a CheckpointError saying what is wrong."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not an adapter config ({e})") from None
+    if not isinstance(spec, dict) or "peft_type" not in spec:
+        raise CheckpointError(f"{path}: not a peft adapter config (it has no peft_type)")
+    method = method_for(spec["peft_type"])
+    if method is None:
+        raise CheckpointError(f"{path}: peft_type {spec['peft_type']!r} is not a method the toolchain serves "
+                              f"({', '.join(PEFT_TYPES.values())})")
+    try:
+        return method, make_config(method, spec)
+    except AdapterError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_adapter(model: nn.Module, folder: str | Path, name: str | None = None) -> str:
     """Attach the adapter saved in `folder` as `name` (default: the folder's name) and activate it."""
     folder = Path(folder)
     name = name or folder.name
-    try:
-        spec = json.loads((folder / CONFIG_FILE).read_text())
-        method, config = spec["method"], spec["config"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: not an adapter config ({e})") from None
+    _, config = read_config(folder)
     try:
         saved = load_file(str(folder / WEIGHTS_FILE))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same error for the user
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: cannot read adapter weights ({e})") from None
-    attach(model, method, config, name)
-    params = {_strip(n, name): p for n, p in adapter_parameters(model, name).items()}
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    _inject(model, config, name)
+    expected = _state(model, name)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit this model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    for key, p in params.items():
+    for key, p in expected.items():
         if saved[key].shape != p.shape:
             raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key} has shape {tuple(saved[key].shape)}, "
                                   f"the model expects {tuple(p.shape)}")
-        p.data.copy_(saved[key])
+    set_peft_model_state_dict(model, saved, adapter_name=name)
     return name
 
 
@@ -151,11 +196,17 @@ def has_adapter_layers(model: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> dict | None:
-    """What `reattach` needs to rebuild this model's adapters (for manifests); None without adapters."""
+    """What `reattach` needs to rebuild this model's adapters (for manifests); None without adapters.
+
+    Each adapter is recorded by its peft config, as its `adapter_config.json` would hold it.
+    """
     if method_of(model) is None:
         return None
     active = [m.active_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)][:1]
-    return {"method": method_of(model), "adapters": model._ditc_adapters, "active": active[0] if active else []}
+    adapters = {}
+    for name, config in _configs(model).items():
+        adapters[name] = {**config_dict(config), "inference_mode": True}
+    return {"method": method_of(model), "adapters": adapters, "active": active[0] if active else []}
 
 
 def reattach(model: nn.Module, description: dict) -> nn.Module:

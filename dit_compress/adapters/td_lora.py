@@ -6,6 +6,7 @@ B starts at zero, so the adapted model starts exactly as the base model. The tim
 the layers through a forward pre-hook on the adapted model that embeds its `timestep`
 argument once per call (sinusoidal, as diffusers embeds timesteps); each layer's router
 is its own. Parameters carry the `tdlora_` prefix, so an adapter is a filter on state-dict keys.
+The config's peft type is `TD_LORA`; `dit_compress.adapters.methods` registers it with peft.
 
 Because the update depends on t, there is no single merged weight: `bake_timestep` merges the
 update for one timestep of a fixed sampling schedule into plain linear layers.
@@ -25,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ..errors import AdapterError
 
-PREFIX = "tdlora_"
+TD_LORA, PREFIX = "TD_LORA", "tdlora_"  # peft type and parameter prefix
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TDLoraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.peft_type = TD_LORA
         if self.r < 1 or self.num_experts < 1:
             raise ValueError(f"TD-LoRA needs r >= 1 and num_experts >= 1, got r={self.r}, "
                              f"num_experts={self.num_experts}")
@@ -58,11 +60,62 @@ class TimestepFeatures:
     def hook(self, _module, args, kwargs):
         from diffusers.models.embeddings import get_timestep_embedding
 
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if t is None:
-            raise ValueError("TD-LoRA: the adapted model must be called with `timestep`")
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+        t = timestep_argument(args, kwargs)
         self.value = get_timestep_embedding(t * self.scale, self.dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+
+    @staticmethod
+    def of(model: nn.Module, config: TDLoraConfig, adapter_name: str) -> TimestepFeatures:
+        """The model's shared timestep features, installed with its first TD-LoRA adapter."""
+        time = getattr(model, "_tdlora_time", None)
+        if time is None:
+            time = TimestepFeatures(config.time_dim, config.time_scale)
+            model._tdlora_time = time
+            model.register_forward_pre_hook(time.hook, with_kwargs=True)
+        elif (time.dim, time.scale) != (config.time_dim, config.time_scale):
+            raise ValueError(f"TD-LoRA adapter {adapter_name!r}: time_dim/time_scale must match the adapters "
+                             f"already on the model ({time.dim}, {time.scale})")
+        return time
+
+
+def timestep_argument(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The `timestep` a diffusers transformer is called with, as a float vector."""
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if t is None:
+        raise ValueError("TD-LoRA: the adapted model must be called with `timestep`")
+    return torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+
+
+class _Seen(Exception):
+    pass
+
+
+def timestep_scale(model: nn.Module) -> float:
+    """What brings the timestep `model` is called with to the 0..1000 scale the router embeds.
+
+    Measured, not looked up: the family's own denoise call at t = 1000 is stopped as it enters the
+    model, and the `timestep` it passes is read (1000 for DiT-style families, 1 for Flux's [0, 1]).
+    """
+    from ..models.families import get_adapter
+
+    family = get_adapter(model)
+    seen: list[torch.Tensor] = []
+
+    def stop(_module, args, kwargs):
+        seen.append(timestep_argument(args, kwargs))
+        raise _Seen
+
+    x, _, cond = family.example_inputs(1)
+    handle = model.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+    try:
+        with torch.no_grad():
+            family.denoise(model, x, torch.full((1,), 1000.0), cond)
+    except _Seen:
+        pass
+    finally:
+        handle.remove()
+    if not seen or not float(seen[0][0]) > 0:
+        raise ValueError(f"TD-LoRA: cannot read the timestep scale of {type(model).__name__}")
+    return 1000.0 / float(seen[0][0])
 
 
 class TDLoraLayer(BaseTunerLayer):
@@ -153,25 +206,16 @@ class TDLoraModel(BaseTuner):
     tuner_layer_cls = TDLoraLayer
     target_module_mapping: dict = {}
 
-    def _pre_injection_hook(self, model, config, adapter_name):
-        time = getattr(model, "_tdlora_time", None)
-        if time is None:
-            time = TimestepFeatures(config.time_dim, config.time_scale)
-            model._tdlora_time = time
-            model.register_forward_pre_hook(time.hook, with_kwargs=True)
-        elif (time.dim, time.scale) != (config.time_dim, config.time_scale):
-            raise ValueError(f"TD-LoRA adapter {adapter_name!r}: time_dim/time_scale must match the adapters "
-                             f"already on the model ({time.dim}, {time.scale})")
-        self._time = time
-
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        # Here rather than in a pre-injection hook: peft's add_adapter/load_adapter inject without one.
+        time = TimestepFeatures.of(self.model, config, adapter_name)
         if isinstance(target, TDLoraLayer):
             target.update_layer(adapter_name, config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
             raise TypeError(f"TD-LoRA adapts nn.Linear layers only; {current_key} is {type(base).__name__}")
-        new = TDLoraLinear(target, adapter_name, config, self._time)
+        new = TDLoraLinear(target, adapter_name, config, time)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
