@@ -96,6 +96,66 @@ def test_adapter_saves_loads_and_exports_with_parity(method, tmp_path):
     assert info["parity"]["max_abs_error"] <= 1e-4
 
 
+@pytest.mark.parametrize("method", ["td_lora", "diffscaler"])
+def test_peft_itself_loads_the_toolchain_adapter_folders(method, tmp_path):
+    """Importing dit_compress.adapters registers the methods: plain peft then loads our folders."""
+    from peft import PeftConfig, PeftModel
+
+    m = _loaded("dit")
+    inputs = m.adapter.example_inputs(3)
+    expected = {}
+    for i, task in enumerate(("faces", "photos")):
+        model = copy.deepcopy(m.model)
+        adapters.attach(model, method, adapters.default_config(method, model, num_task_classes=2), task)
+        _perturb(model, task, seed=i)
+        expected[task] = _out(m, model, inputs)
+        adapters.save_adapter(model, tmp_path / task, task)
+    assert not torch.allclose(expected["faces"], expected["photos"])
+    config = PeftConfig.from_pretrained(str(tmp_path / "faces"))
+    assert type(config) is adapters.METHODS[method][0] and config.peft_type == adapters.methods.PEFT_TYPES[method]
+
+    served = PeftModel.from_pretrained(copy.deepcopy(m.model), str(tmp_path / "faces"))
+    assert torch.equal(_out(m, served, inputs), expected["faces"])
+    served.load_adapter(str(tmp_path / "photos"), adapter_name="photos")
+    served.set_adapter("photos")
+    assert torch.equal(_out(m, served, inputs), expected["photos"])
+    served.set_adapter("default")
+    assert torch.equal(_out(m, served, inputs), expected["faces"])
+
+
+def test_a_bad_adapter_config_is_rejected_saying_what_is_wrong(tmp_path):
+    m = _loaded("dit")
+    model = copy.deepcopy(m.model)
+    adapters.attach(model, "td_lora", {"r": 2, "target_modules": ["to_q"]}, "x")
+    good = json.loads((adapters.save_adapter(model, tmp_path / "x", "x") / "adapter_config.json").read_text())
+    cases = [
+        ("{not json", r"not an adapter config"),
+        (json.dumps({"method": "td_lora", "config": {"r": 2}}), r"not a peft adapter config \(it has no peft_type\)"),
+        (json.dumps({**good, "peft_type": "DORA"}), r"peft_type 'DORA' is not a method the toolchain serves "
+                                                     r"\(LORA, TD_LORA, DIFFSCALER\)"),
+        (json.dumps({**good, "rank": 4}), r"td_lora adapter config: unknown key\(s\) \['rank'\]"),
+        (json.dumps({**good, "num_experts": 0}), r"TD-LoRA needs r >= 1 and num_experts >= 1"),
+    ]
+    for text, message in cases:
+        (tmp_path / "x" / "adapter_config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=r"x/adapter_config.json: .*" + message):
+            adapters.load_adapter(copy.deepcopy(m.model), tmp_path / "x")
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux", "sana"])
+def test_td_lora_routers_see_the_timestep_on_one_scale_in_every_family(family):
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    m = _loaded(family)
+    model = copy.deepcopy(m.model)
+    adapters.attach(model, "td_lora", adapters.default_config("td_lora", model), "task")
+    x, _, cond = m.adapter.example_inputs(2)
+    t = torch.tensor([250.0, 900.0])
+    _out(m, model, (x, t, cond))
+    expected = get_timestep_embedding(t, 64, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(model._tdlora_time.value, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_one_base_model_serves_two_tasks_by_switching_adapters(tmp_path):
     m = _loaded("dit")
     inputs = m.adapter.example_inputs(4)
