@@ -203,9 +203,7 @@ def describe(model: nn.Module) -> dict | None:
     if method_of(model) is None:
         return None
     active = [m.active_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)][:1]
-    adapters = {}
-    for name, config in _configs(model).items():
-        adapters[name] = {**config_dict(config), "inference_mode": True}
+    adapters = {name: {**config_dict(config), "inference_mode": True} for name, config in _configs(model).items()}
     return {"method": method_of(model), "adapters": adapters, "active": active[0] if active else []}
 
 

@@ -104,11 +104,13 @@ def timestep_scale(model: nn.Module) -> float:
         seen.append(timestep_argument(args, kwargs))
         raise _Seen
 
+    device = next(model.parameters()).device
     x, _, cond = family.example_inputs(1)
     handle = model.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
     try:
         with torch.no_grad():
-            family.denoise(model, x, torch.full((1,), 1000.0), cond)
+            family.denoise(model, x.to(device), torch.full((1,), 1000.0, device=device),
+                           {k: v.to(device) for k, v in cond.items()})
     except _Seen:
         pass
     finally:
