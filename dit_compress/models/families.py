@@ -8,6 +8,14 @@ where `x` is an image-shaped latent (B, C, H, W), `t` the scheduler timestep of 
 (B,) on the 0..1000 scale that diffusers schedulers use, and `cond` a dict of batch-first
 condition tensors (class labels, or prompt embeddings for text families). Adapters also
 name the transformer block lists (for depth surgery) and make example inputs for export.
+
+The *layout* (`adapter.layout(model)`) describes a model's parts by kind, so that no stage
+names a family or a module path: its blocks (DiT blocks, MMDiT joint blocks, Flux
+single-stream blocks), each block's attentions by stream (image self-attention, joint
+text-image attention, cross-attention), its FFNs (Flux single blocks' MLP as a described view
+of `proj_mlp` and part of `proj_out`), its modulation (AdaLN), and the timestep / condition
+embeddings. Every view names its module path, so a layout read on the teacher addresses the
+same parts of a student copy.
 """
 
 from __future__ import annotations
@@ -21,12 +29,157 @@ import torch.nn as nn
 from ..errors import UnsupportedModelError
 
 
+# Block kinds.
+DIT_BLOCK = "dit"        # image tokens only: self-attention (+ cross-attention to text), FFN (DiT, PixArt, Sana)
+JOINT_BLOCK = "joint"    # MMDiT: separate image and text weights, one joint attention (SD3, Flux double-stream)
+SINGLE_BLOCK = "single"  # Flux single-stream: one set of weights over the [text, image] sequence
+
+# Attention kinds.
+SELF_ATTENTION = "self"    # image queries over image keys
+JOINT_ATTENTION = "joint"  # image and text queries over image and text keys
+CROSS_ATTENTION = "cross"  # image queries over text keys
+
+# Streams an FFN transforms.
+IMAGE, TEXT, BOTH = "image", "text", "both"
+
+
 @dataclass(frozen=True)
 class BlockGroup:
-    """A ModuleList of transformer blocks and the config key that counts them."""
+    """A ModuleList of transformer blocks, the config key that counts them, and their kind."""
 
     attr: str
     config_key: str
+    kind: str = DIT_BLOCK
+
+
+@dataclass(frozen=True)
+class AttentionView:
+    """One attention module of a block."""
+
+    path: str
+    module: nn.Module
+    kind: str                             # SELF_ATTENTION, JOINT_ATTENTION or CROSS_ATTENTION
+    image_projections: tuple[str, ...]    # paths of the image stream's Q/K/V/out projections present
+    text_projections: tuple[str, ...]     # paths of the text stream's own Q/K/V/out projections
+    qk_norm: bool                         # queries and keys are normalised before the product
+    linear: bool = False                  # the family's own attention is already linear (Sana)
+
+
+@dataclass(frozen=True)
+class FFNView:
+    """One feed-forward network of a block, described by its projections.
+
+    `form` is "feedforward" (diffusers FeedForward: `up` = net.0.proj, activation, `down` =
+    net.2), "glumbconv" (Sana's convolutional GLU: 1x1 conv up, depthwise conv, 1x1 conv down)
+    or "fused" (Flux single blocks: `up` = proj_mlp, then act_mlp, and `down` = the columns
+    `down_columns` of proj_out, whose other columns project the attention output). A fused view
+    describes; it does not convert."""
+
+    path: str              # the FFN module, or the block for a fused FFN
+    name: str              # its attribute name in the block ("ff", "ff_context"; "mlp" for a fused FFN)
+    stream: str            # IMAGE, TEXT or BOTH
+    form: str
+    up: str
+    down: str
+    hidden: int            # hidden width
+    down_columns: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class BlockView:
+    """One transformer block and its parts."""
+
+    group: BlockGroup
+    index: int
+    module: nn.Module
+    attentions: tuple[AttentionView, ...]
+    ffns: tuple[FFNView, ...]
+    modulation: tuple[str, ...]  # paths of its AdaLN norms (or modulation tables)
+
+    @property
+    def path(self) -> str:
+        return f"{self.group.attr}.{self.index}"
+
+    @property
+    def kind(self) -> str:
+        return self.group.kind
+
+    @property
+    def dual_attention(self) -> bool:
+        """An MMDiT block with a second, image-only self-attention (SD3.5)."""
+        kinds = [a.kind for a in self.attentions]
+        return JOINT_ATTENTION in kinds and SELF_ATTENTION in kinds
+
+    def image_attention(self) -> AttentionView:
+        """The attention that mixes the block's image tokens: joint attention where the block
+        has one, else its self-attention."""
+        for kind in (JOINT_ATTENTION, SELF_ATTENTION):
+            for a in self.attentions:
+                if a.kind == kind:
+                    return a
+        raise UnsupportedModelError(f"{self.path}: no image attention")
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """A model's parts by kind, in forward order."""
+
+    blocks: tuple[BlockView, ...]
+    embedding: tuple[str, ...]       # timestep (+ class label / pooled text / guidance) embeddings
+    text_embedding: tuple[str, ...]  # projections of the prompt tokens into the model
+    head_modulation: tuple[str, ...]  # modulation of the output head
+
+    def blocks_of(self, *kinds: str) -> list[BlockView]:
+        return [b for b in self.blocks if not kinds or b.kind in kinds]
+
+    def attentions(self, *kinds: str) -> list[AttentionView]:
+        return [a for b in self.blocks for a in b.attentions if not kinds or a.kind in kinds]
+
+    def attention(self, path: str) -> AttentionView:
+        for a in self.attentions():
+            if a.path == path:
+                return a
+        raise KeyError(f"no attention at {path!r}")
+
+    def ffns(self, *streams: str) -> list[FFNView]:
+        return [f for b in self.blocks for f in b.ffns if not streams or f.stream in streams]
+
+    @property
+    def modulation(self) -> tuple[str, ...]:
+        return tuple(m for b in self.blocks for m in b.modulation) + self.head_modulation
+
+    @property
+    def dual_attention(self) -> bool:
+        return any(b.dual_attention for b in self.blocks)
+
+
+_IMAGE_QKVO = ("to_q", "to_k", "to_v", "to_out.0")
+_TEXT_QKVO = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def _present(module: nn.Module, prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    own = dict(module.named_modules())
+    return tuple(f"{prefix}.{n}" for n in names if own.get(n) is not None)
+
+
+def _attention(block: nn.Module, prefix: str, attr: str, kind: str, linear: bool = False) -> AttentionView | None:
+    attn = getattr(block, attr, None)
+    if attn is None:
+        return None
+    path = f"{prefix}.{attr}"
+    return AttentionView(path, attn, kind, _present(attn, path, _IMAGE_QKVO), _present(attn, path, _TEXT_QKVO),
+                         getattr(attn, "norm_q", None) is not None, linear)
+
+
+def _feedforward(block: nn.Module, prefix: str, attr: str, stream: str) -> FFNView | None:
+    ff = getattr(block, attr, None)
+    if ff is None:
+        return None
+    path = f"{prefix}.{attr}"
+    if hasattr(ff, "conv_inverted"):  # Sana's GLUMBConv: the up-projection makes value and gate halves
+        return FFNView(path, attr, stream, "glumbconv", f"{path}.conv_inverted", f"{path}.conv_point",
+                       ff.conv_point.in_channels)
+    return FFNView(path, attr, stream, "feedforward", f"{path}.net.0.proj", f"{path}.net.2", ff.net[2].in_features)
 
 
 class FamilyAdapter(ABC):
@@ -81,8 +234,52 @@ class FamilyAdapter(ABC):
         return out[:, : self.in_channels]
 
     # -- structure -------------------------------------------------------------------
-    def blocks(self, model: nn.Module) -> list[tuple[BlockGroup, int, nn.Module]]:
-        return [(g, i, b) for g in self.block_groups for i, b in enumerate(getattr(model, g.attr))]
+    def blocks(self, model: nn.Module, *kinds: str) -> list[tuple[BlockGroup, int, nn.Module]]:
+        """Every transformer block in forward order (only those of `kinds`, when given)."""
+        return [(g, i, b) for g in self.block_groups if not kinds or g.kind in kinds
+                for i, b in enumerate(getattr(model, g.attr))]
+
+    def layout(self, model: nn.Module) -> ModelLayout:
+        """`model`'s blocks, attentions, FFNs, modulation and embeddings, by kind."""
+        blocks = []
+        for g, i, block in self.blocks(model):
+            prefix = f"{g.attr}.{i}"
+            blocks.append(BlockView(g, i, block, tuple(a for a in self._attentions(g.kind, block, prefix) if a),
+                                    tuple(f for f in self._ffns(g.kind, block, prefix) if f),
+                                    self._modulation(g.kind, block, prefix)))
+        return ModelLayout(tuple(blocks), self._embedding(model), self.text_embedding, self.head_modulation)
+
+    # What the layout reads; a family with other names overrides these.
+    text_embedding: tuple[str, ...] = ()
+    head_modulation: tuple[str, ...] = ()
+    linear_self_attention = False  # the family's self-attention is already linear
+
+    def _attentions(self, kind: str, block: nn.Module, prefix: str) -> list[AttentionView | None]:
+        if kind == DIT_BLOCK:
+            return [_attention(block, prefix, "attn1", SELF_ATTENTION, self.linear_self_attention),
+                    _attention(block, prefix, "attn2", CROSS_ATTENTION)]
+        if kind == JOINT_BLOCK:  # attn2: SD3.5's image-only second attention
+            return [_attention(block, prefix, "attn", JOINT_ATTENTION),
+                    _attention(block, prefix, "attn2", SELF_ATTENTION)]
+        return [_attention(block, prefix, "attn", JOINT_ATTENTION)]
+
+    def _ffns(self, kind: str, block: nn.Module, prefix: str) -> list[FFNView | None]:
+        if kind == SINGLE_BLOCK:  # proj_out reads [attention output, MLP hidden]
+            dim, hidden = block.proj_mlp.in_features, block.proj_mlp.out_features
+            return [FFNView(prefix, "mlp", BOTH, "fused", f"{prefix}.proj_mlp", f"{prefix}.proj_out", hidden,
+                            (dim, dim + hidden))]
+        ffns = [_feedforward(block, prefix, "ff", IMAGE)]
+        if kind == JOINT_BLOCK:
+            ffns.append(_feedforward(block, prefix, "ff_context", TEXT))
+        return ffns
+
+    def _modulation(self, kind: str, block: nn.Module, prefix: str) -> tuple[str, ...]:
+        names = {DIT_BLOCK: ("norm1",), JOINT_BLOCK: ("norm1", "norm1_context"), SINGLE_BLOCK: ("norm",)}[kind]
+        return tuple(f"{prefix}.{n}" for n in names)
+
+    @abstractmethod
+    def _embedding(self, model: nn.Module) -> tuple[str, ...]:
+        """Paths of the timestep / condition embedding modules."""
 
     def protected_blocks(self, model: nn.Module) -> set[tuple[str, int]]:
         """Blocks that depth pruning must keep, as (group attr, index)."""
@@ -125,9 +322,27 @@ class DiTAdapter(FamilyAdapter):
         # The output head reads block 0's timestep/label embedding (norm1.emb).
         return {("transformer_blocks", 0)}
 
+    head_modulation = ("proj_out_1",)
 
-class PixArtAdapter(FamilyAdapter):
+    def _embedding(self, model):
+        # Every block embeds timestep and label itself (in its AdaLN-Zero norm); the head uses block 0's.
+        return tuple(f"transformer_blocks.{i}.norm1.emb" for i in range(len(model.transformer_blocks)))
+
+
+class _TableModulated:
+    """PixArt / Sana: one AdaLN-single projection of the timestep, offset by a learned table per block."""
+
+    def _modulation(self, kind, block, prefix):
+        return (f"{prefix}.scale_shift_table",)
+
+
+class PixArtAdapter(_TableModulated, FamilyAdapter):
     family, class_name = "pixart", "PixArtTransformer2DModel"
+    text_embedding = ("caption_projection",)
+    head_modulation = ("adaln_single.linear", "scale_shift_table")
+
+    def _embedding(self, model):
+        return ("adaln_single.emb",)
 
     def random_conditions(self, n, generator):
         d = int(self.config["caption_channels"])
@@ -146,8 +361,17 @@ class PixArtAdapter(FamilyAdapter):
         return self._first_channels(out)
 
 
-class SD3Adapter(FamilyAdapter):
+class _MMDiT:
+    text_embedding = ("context_embedder",)
+    head_modulation = ("norm_out",)
+
+    def _embedding(self, model):
+        return ("time_text_embed",)
+
+
+class SD3Adapter(_MMDiT, FamilyAdapter):
     family, class_name = "sd3", "SD3Transformer2DModel"
+    block_groups = (BlockGroup("transformer_blocks", "num_layers", JOINT_BLOCK),)
 
     def random_conditions(self, n, generator):
         return {
@@ -174,13 +398,13 @@ class SD3Adapter(FamilyAdapter):
             self.config = dict(model.config)
 
 
-class FluxAdapter(FamilyAdapter):
+class FluxAdapter(_MMDiT, FamilyAdapter):
     """Flux takes 2x2-packed latent tokens plus positional ids; the adapter packs and unpacks."""
 
     family, class_name = "flux", "FluxTransformer2DModel"
     block_groups = (
-        BlockGroup("transformer_blocks", "num_layers"),
-        BlockGroup("single_transformer_blocks", "num_single_layers"),
+        BlockGroup("transformer_blocks", "num_layers", JOINT_BLOCK),
+        BlockGroup("single_transformer_blocks", "num_single_layers", SINGLE_BLOCK),
     )
     guidance_scale = 3.5  # distilled-guidance models take it as an input
 
@@ -223,8 +447,14 @@ class FluxAdapter(FamilyAdapter):
         return out.view(b, hh, ww, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-class SanaAdapter(FamilyAdapter):
+class SanaAdapter(_TableModulated, FamilyAdapter):
     family, class_name = "sana", "SanaTransformer2DModel"
+    linear_self_attention = True  # ReLU linear attention, with softmax cross-attention
+    text_embedding = ("caption_projection", "caption_norm")
+    head_modulation = ("time_embed.linear", "scale_shift_table")
+
+    def _embedding(self, model):
+        return ("time_embed.emb",)
 
     def random_conditions(self, n, generator):
         d = int(self.config["caption_channels"])
@@ -272,8 +502,14 @@ class LabelConditionedAdapter(FamilyAdapter):
     def denoise(self, model, x, t, cond):
         return self.base.denoise(model, x, t, self.conditioner(cond["class_labels"]))
 
-    def blocks(self, model):
-        return self.base.blocks(model)
+    def blocks(self, model, *kinds):
+        return self.base.blocks(model, *kinds)
+
+    def layout(self, model):
+        return self.base.layout(model)
+
+    def _embedding(self, model):
+        return self.base._embedding(model)
 
     def protected_blocks(self, model):
         return self.base.protected_blocks(model)
