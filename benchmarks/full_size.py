@@ -58,7 +58,8 @@ def main_process(args) -> dict:
     from dit_compress.core.recipe import parse_recipe
     from dit_compress.data.calibration import build_calibration
     from dit_compress.models.load import load_transformer
-    from dit_compress.stages.prune.analysis import analyse_states, boundary_states
+    from dit_compress.probes.boundaries import boundary_states
+    from dit_compress.probes.redundancy import analyse_states
     from dit_compress.stages.prune.ppcl import make_plans
 
     out = Path(args.out) / args.config

@@ -195,7 +195,8 @@ def test_clear_covering_the_grid_is_the_teacher(family):
     teacher = _loaded(family)
     student = copy.deepcopy(teacher.model)
     grid = teacher.adapter.token_grid()
-    clear_(student, list(image_attentions(student, family, None, "clear")), family, grid, sum(grid), 2)
+    adapter = teacher.adapter
+    clear_(student, list(image_attentions(student, adapter, None, "clear")), adapter, grid, sum(grid), 2)
     x, t, cond = teacher.adapter.example_inputs(2)
     with torch.no_grad():
         assert torch.allclose(teacher.adapter.denoise(student, x, t, cond),

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import save_tiny
 from dit_compress.cli import main
-from dit_compress.stages.prune.analysis import find_intervals, linear_cka, probe_r2
+from dit_compress.probes.redundancy import find_intervals, linear_cka, probe_r2
 
 
 def test_linear_cka_invariances():

@@ -10,9 +10,10 @@ from dit_compress.data import calibration
 from dit_compress.data.calibration import CalibrationSpec, build_calibration
 from dit_compress.models.families import get_adapter
 from dit_compress.models.load import LoadedModel
+from dit_compress.probes import boundaries
+from dit_compress.probes.boundaries import boundary_states
+from dit_compress.probes.redundancy import cka_matrix, linear_cka
 from dit_compress.sampling import DEFAULT_SCHEDULER
-from dit_compress.stages.prune import analysis
-from dit_compress.stages.prune.analysis import boundary_states, cka_matrix, linear_cka
 
 
 def _teacher(family="sd3"):
@@ -24,7 +25,7 @@ def test_streamed_boundary_states_are_the_seeded_sample_of_all_states(tmp_path, 
     teacher = _teacher()
     calib = build_calibration(teacher, CalibrationSpec(num_samples=8, sampling_steps=1))
     args = (teacher.model, teacher.adapter, calib, 3, 8)
-    monkeypatch.setattr(analysis, "FORWARD_TOKENS", 40)  # 16 tokens per sample: chunks of 2 samples
+    monkeypatch.setattr(boundaries, "FORWARD_TOKENS", 40)  # 16 tokens per sample: chunks of 2 samples
     full = boundary_states(*args, max_tokens=None)
     streamed = boundary_states(*args, max_tokens=100, folder=tmp_path / "states")
     assert len(list((tmp_path / "states").glob("batch-*.safetensors"))) == 3

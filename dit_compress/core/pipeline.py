@@ -276,7 +276,7 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: 
 
 def analyse(model_spec: dict, out: str | Path, calibration: CalibrationSpec | None = None) -> dict:
     """`ditc prune --analyse-only`: block redundancy of a model, as analysis.json + analysis.png."""
-    from ..stages.prune.analysis import analyse_redundancy, plot_analysis
+    from ..probes.redundancy import analyse_redundancy, plot_analysis
 
     teacher = load_teacher(model_spec)
     out = Path(out)

@@ -3,7 +3,7 @@
 ONNX Runtime optimises at session creation (basic: constant folding and redundant-node
 removal; extended: op fusions such as Gelu, LayerNorm, MatMul+Add, attention; all: plus
 layout transforms for the CPU). Its transformer optimizer adds model-type specific fusions
-(`mmdit` for SD3/Flux, `vit` for the class/caption-conditioned DiTs). Each is measured on the
+(`mmdit` for families with joint text-image blocks, `vit` for the others). Each is measured on the
 same inputs so the report shows op counts, fused ops and latency side by side.
 """
 
@@ -14,10 +14,16 @@ from pathlib import Path
 import onnx
 
 from ..evaluate.cost import time_calls
+from ..models.families import JOINT_BLOCK, adapter_for_family
 from .precision import op_counts
 
 LEVELS = ("disabled", "basic", "extended", "all")
-FUSION_MODEL_TYPE = {"sd3": "mmdit", "flux": "mmdit"}  # everything else: "vit"
+
+
+def fusion_model_type(family: str) -> str:
+    """The transformer optimizer's model type: `mmdit` where blocks are joint text-image blocks."""
+    kinds = {g.kind for g in adapter_for_family(family).block_groups}
+    return "mmdit" if JOINT_BLOCK in kinds else "vit"
 
 
 def _session(path: Path, level: str, save_to: Path | None = None, threads: int | None = None):
@@ -43,7 +49,7 @@ def transformer_fuse(src: Path, dst: Path, family: str) -> dict:
     """ONNX Runtime's transformer optimizer on `src`; returns the fusions it found."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = FUSION_MODEL_TYPE.get(family, "vit")
+    model_type = fusion_model_type(family)
     opt = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     opt.save_model_to_file(str(dst), use_external_data_format=Path(str(src) + ".data").exists())

@@ -64,6 +64,13 @@ class AttentionView:
     qk_norm: bool                         # queries and keys are normalised before the product
     linear: bool = False                  # the family's own attention is already linear (Sana)
 
+    @property
+    def output_projection(self) -> str | None:
+        """The image stream's output projection (None where the block projects the attention
+        output itself: Flux single-stream blocks)."""
+        out = f"{self.path}.to_out.0"
+        return out if out in self.image_projections else None
+
 
 @dataclass(frozen=True)
 class FFNView:
@@ -189,6 +196,7 @@ class FamilyAdapter(ABC):
     class_name: str = ""
     block_groups: tuple[BlockGroup, ...] = (BlockGroup("transformer_blocks", "num_layers"),)
     text_tokens: int = 8  # prompt length used for synthetic text conditions
+    rotary: bool = False  # attention applies rotary position embeddings (passed to each block)
 
     def __init__(self, model: nn.Module, latent_size: int | None = None):
         self.config = dict(model.config)
@@ -407,6 +415,7 @@ class FluxAdapter(_MMDiT, FamilyAdapter):
         BlockGroup("single_transformer_blocks", "num_single_layers", SINGLE_BLOCK),
     )
     guidance_scale = 3.5  # distilled-guidance models take it as an input
+    rotary = True
 
     @property
     def in_channels(self) -> int:
@@ -473,6 +482,7 @@ class LabelConditionedAdapter(FamilyAdapter):
     def __init__(self, base: FamilyAdapter, conditioner: nn.Module):
         self.base, self.conditioner = base, conditioner
         self.family, self.class_name, self.block_groups = base.family, base.class_name, base.block_groups
+        self.rotary = base.rotary
 
     @property
     def config(self) -> dict:
@@ -528,6 +538,13 @@ def adapter_for_class(class_name: str) -> type[FamilyAdapter]:
             return a
     raise UnsupportedModelError(
         f"unsupported model class {class_name!r}; supported: {', '.join(SUPPORTED_CLASSES)}")
+
+
+def adapter_for_family(family: str) -> type[FamilyAdapter]:
+    for a in ADAPTERS:
+        if a.family == family:
+            return a
+    raise UnsupportedModelError(f"unknown family {family!r}; known: {', '.join(a.family for a in ADAPTERS)}")
 
 
 def get_adapter(model: nn.Module, latent_size: int | None = None,

@@ -30,6 +30,7 @@ from ..core.stage import StageConfig
 from ..data.calibration import Batch, CalibrationSet
 from ..errors import DistillationDiverged
 from ..models.families import FamilyAdapter
+from ..probes.capture import image_hidden
 from .memory import saved_activation_bytes, training_memory
 
 
@@ -72,11 +73,6 @@ class DistillConfig(StageConfig):
         return self
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
-
-
-def image_hidden(output) -> torch.Tensor:
-    # Joint blocks (SD3, Flux) return (text, image); the image stream is last.
-    return output[-1] if isinstance(output, (tuple, list)) else output
 
 
 def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

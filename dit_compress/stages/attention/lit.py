@@ -7,7 +7,7 @@ the number of tokens. The depthwise convolution restores the local detail that l
 attention's low-rank mixing loses. LiT uses few heads (2-4): head count sets the size of the
 summaries and adds cost without adding quality. The processor is an `nn.Module` set on a
 diffusers `Attention` (`attn.set_processor`), so its weights live in the model's state dict at
-`...attn1.processor.*` and the projections it reads are the Attention's own `to_q/k/v/out`.
+`<attention path>.processor.*` and the projections it reads are the Attention's own `to_q/k/v/out`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 class LiTProcessor(nn.Module):
-    """Self-attention (DiT, PixArt attn1) as LiT."""
+    """Image self-attention (DiT, PixArt) as LiT."""
 
     def __init__(self, inner_dim: int, heads: int, grid: tuple[int, int], kernel: int = 5, eps: float = 1e-6):
         super().__init__()
@@ -71,20 +71,14 @@ class LiTJointProcessor(LiTProcessor):
     linearly over image and text keys (plus the local convolution of the image values); text
     queries keep the teacher's softmax over everything (few queries: linear in image tokens)."""
 
-    def __init__(self, family: str, inner_dim: int, heads: int, grid: tuple[int, int], kernel: int = 5,
-                 eps: float = 1e-6):
-        super().__init__(inner_dim, heads, grid, kernel, eps)
-        self.family = family
-
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                 image_rotary_emb=None, **_):
         from .joint import finish, project
 
-        (q, k, v), (tq, tk, tv) = project(self.family, attn, hidden_states, encoder_hidden_states, image_rotary_emb,
-                                          self.grid)
+        (q, k, v), (tq, tk, tv) = project(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.grid)
         keys, values = _merge(torch.cat([k, tk], 2)), _merge(torch.cat([v, tv], 2))
         image = linear_attention(_heads(_merge(q), self.heads), _heads(keys, self.heads),
                                  _heads(values, self.heads), self.eps)
         image = _merge(image) + self.local(_merge(v))
         text = F.scaled_dot_product_attention(tq, torch.cat([k, tk], 2), torch.cat([v, tv], 2)) if tq.shape[2] else tq
-        return finish(self.family, attn, image, _merge(text), encoder_hidden_states is not None)
+        return finish(attn, image, _merge(text), encoder_hidden_states is not None)

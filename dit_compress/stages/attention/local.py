@@ -95,7 +95,7 @@ class _Heads:
 
 
 class CLEARProcessor:
-    """Self-attention (DiT, PixArt attn1) restricted to the grid neighbourhood."""
+    """Image self-attention (DiT, PixArt) restricted to the grid neighbourhood."""
 
     def __init__(self, grid: tuple[int, int], radius: int, tile: int):
         self.grid, self.radius, self.tile = tuple(grid), radius, tile
@@ -113,16 +113,11 @@ class CLEARJointProcessor(CLEARProcessor):
     """Joint text-image attention (SD3, Flux): image queries see their neighbourhood and every
     text token; text queries see everything, as in the family's own processor."""
 
-    def __init__(self, family: str, grid: tuple[int, int], radius: int, tile: int):
-        super().__init__(grid, radius, tile)
-        self.family = family
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **_):
         from .joint import finish, project
 
-        (q, k, v), (tq, tk, tv) = project(self.family, attn, hidden_states, encoder_hidden_states, image_rotary_emb,
-                                          self.grid)
+        (q, k, v), (tq, tk, tv) = project(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.grid)
         image = local_attention(q, k, v, self.grid, self.radius, self.tile, text_k=tk, text_v=tv)
         text = F.scaled_dot_product_attention(tq, torch.cat([k, tk], 2), torch.cat([v, tv], 2)) if tq.shape[2] else tq
-        return finish(self.family, attn, _Heads.merge(image), _Heads.merge(text), encoder_hidden_states is not None)
+        return finish(attn, _Heads.merge(image), _Heads.merge(text), encoder_hidden_states is not None)

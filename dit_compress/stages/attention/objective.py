@@ -4,25 +4,15 @@
 
 `target` is the noise (or the velocity for flow-matching teachers) the calibration batch was
 noised with. Learned-variance models (DiT/PixArt with 2C output channels) also match the
-variance channels, read from the full model output by a forward hook.
+variance channels, read from the full model output by a capture.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ...probes.capture import Capture, first_tensor
 from ...train.distill import OutputFeatureObjective
-
-
-class _RawOutput:
-    """Keeps the first tensor a model's forward returns (every output channel)."""
-
-    def __init__(self, model):
-        self.value = None
-        self.handle = model.register_forward_hook(self._hook)
-
-    def _hook(self, _module, _inputs, output):
-        self.value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
 
 
 class HybridObjective(OutputFeatureObjective):
@@ -35,48 +25,31 @@ class HybridObjective(OutputFeatureObjective):
 
     def attach(self, teacher, student):
         super().attach(teacher, student)
-        self.raw_t, self.raw_s = _RawOutput(teacher), _RawOutput(student)
+        # every output channel of the model, variance included
+        self.raw_t = Capture({"model": teacher}, transform=first_tensor)
+        self.raw_s = Capture({"model": student}, transform=first_tensor)
 
     def loss(self, step, batch, teacher, student):
         pred, out_loss = self.predictions(batch, teacher, student)
         loss = torch.mean((pred - batch.target) ** 2) + self.output_weight * out_loss
         c = pred.shape[1]
-        if self.variance_weight > 0 and self.raw_s.value.shape[1] > c:
-            loss = loss + self.variance_weight * torch.mean((self.raw_s.value[:, c:] - self.raw_t.value[:, c:]) ** 2)
+        raw_s, raw_t = self.raw_s.values["model"], self.raw_t.values["model"]
+        if self.variance_weight > 0 and raw_s.shape[1] > c:
+            loss = loss + self.variance_weight * torch.mean((raw_s[:, c:] - raw_t[:, c:]) ** 2)
         return loss + self.feature_loss(), out_loss
 
     def close(self):
         super().close()
-        self.raw_t.handle.remove()
-        self.raw_s.handle.remove()
+        self.raw_t.close()
+        self.raw_s.close()
 
 
-class _AttentionOutputs:
-    """The attention output A of each converted attention: its output projection's input, or the
+def _attention_outputs(model, layout, paths: list[str]) -> Capture:
+    """The attention output A of each attention at `paths`: its output projection's input, or the
     attention's own output where the block projects it (Flux single-stream blocks)."""
-
-    def __init__(self, model, paths: list[str]):
-        self.values: dict[str, torch.Tensor] = {}
-        names = dict(model.named_modules())
-        self.handles = []
-        for p in paths:
-            projection = names.get(f"{p}.to_out.0")
-            self.handles.append(projection.register_forward_pre_hook(self._before(p)) if projection is not None
-                                else names[p].register_forward_hook(self._after(p)))
-
-    def _before(self, path):
-        def hook(_module, args):
-            self.values[path] = args[0]
-        return hook
-
-    def _after(self, path):
-        def hook(_module, _args, output):
-            self.values[path] = output
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
+    points = {p: layout.attention(p).output_projection for p in paths}
+    return Capture({p: model.get_submodule(out or p) for p, out in points.items()},
+                   at={p: "input" if out else "output" for p, out in points.items()})
 
 
 class CLEARObjective(OutputFeatureObjective):
@@ -91,7 +64,9 @@ class CLEARObjective(OutputFeatureObjective):
         return f"clear task+{self.output_weight}*output+{self.attention_weight}*attention {self.paths}"
 
     def attach(self, teacher, student):
-        self.a_t, self.a_s = _AttentionOutputs(teacher, self.paths), _AttentionOutputs(student, self.paths)
+        layout = self.adapter.layout(teacher)  # names the same modules in the student
+        self.a_t = _attention_outputs(teacher, layout, self.paths)
+        self.a_s = _attention_outputs(student, layout, self.paths)
 
     def loss(self, step, batch, teacher, student):
         pred, out_loss = self.predictions(batch, teacher, student)

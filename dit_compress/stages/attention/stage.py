@@ -11,68 +11,63 @@ import torch.nn as nn
 
 from ...core.stage import Stage, StageContext
 from ...errors import UnsupportedModelError
+from ...models.families import JOINT_ATTENTION, SELF_ATTENTION, FamilyAdapter
 from ...train.distill import Distiller
 from .config import CLEARConfig, LiTConfig
-from .joint import JOINT_FAMILIES
 from .lit import LiTJointProcessor, LiTProcessor
 from .local import CLEARJointProcessor, CLEARProcessor
 from .objective import CLEARObjective, HybridObjective
 
 log = logging.getLogger(__name__)
 
-SELF_ATTENTION_FAMILIES = ("dit", "pixart")
 
-
-def image_attentions(model: nn.Module, family: str, blocks: list[int] | None, stage: str) -> dict[str, nn.Module]:
-    """{path: attention module} the stage converts."""
-    if family in SELF_ATTENTION_FAMILIES:
-        paths = [f"transformer_blocks.{i}.attn1" for i in range(len(model.transformer_blocks))]
-    elif family in JOINT_FAMILIES:
-        paths = [f"transformer_blocks.{i}.attn" for i in range(len(model.transformer_blocks))]
-        paths += [f"single_transformer_blocks.{i}.attn"
-                  for i in range(len(getattr(model, "single_transformer_blocks", [])))]
-    else:
-        raise UnsupportedModelError(f"{stage} supports {'/'.join(SELF_ATTENTION_FAMILIES + JOINT_FAMILIES)} models; "
-                                    f"{family} is not supported")
-    chosen = list(range(len(paths))) if blocks is None else blocks
-    bad = [i for i in chosen if not 0 <= i < len(paths)]
+def image_attentions(model: nn.Module, adapter: FamilyAdapter, blocks: list[int] | None, stage: str
+                     ) -> dict[str, nn.Module]:
+    """{path: attention module} the stage converts: each chosen block's image attention (its joint
+    attention in MMDiT and Flux blocks, else its self-attention), by block index in forward order."""
+    layout = adapter.layout(model)
+    views = [b.image_attention() for b in layout.blocks]
+    if any(v.linear for v in views):
+        raise UnsupportedModelError(f"{stage} converts softmax attention; {adapter.family}'s image attention is "
+                                    f"already linear: {adapter.family} is not supported")
+    chosen = list(range(len(views))) if blocks is None else blocks
+    bad = [i for i in chosen if not 0 <= i < len(views)]
     if bad:
-        raise UnsupportedModelError(f"{stage}.blocks: {bad} out of range; the model has {len(paths)} blocks")
+        raise UnsupportedModelError(f"{stage}.blocks: {bad} out of range; the model has {len(views)} blocks")
     out = {}
     for i in chosen:
-        attn, block = model.get_submodule(paths[i]), model.get_submodule(paths[i].rsplit(".", 1)[0])
-        if family in SELF_ATTENTION_FAMILIES and (attn.is_cross_attention or attn.norm_q is not None):
-            raise UnsupportedModelError(f"{paths[i]}: {stage} needs plain self-attention (no q/k norm)")
-        if getattr(block, "attn2", None) is not None and family in JOINT_FAMILIES:
-            raise UnsupportedModelError(f"{paths[i]}: SD3.5 dual attention is not supported by {stage}")
-        out[paths[i]] = attn
+        view = views[i]
+        if view.kind == SELF_ATTENTION and view.qk_norm:
+            raise UnsupportedModelError(f"{view.path}: {stage} needs plain self-attention (no q/k norm)")
+        if layout.blocks[i].dual_attention:
+            raise UnsupportedModelError(f"{view.path}: dual attention (SD3.5) is not supported by {stage}")
+        out[view.path] = view.module
     return out
 
 
-def image_projections(model: nn.Module, paths: list[str]) -> list[nn.Module]:
-    """The image stream's Q/K/V/out projections (Flux single-stream blocks project in the block)."""
-    names = dict(model.named_modules())
-    return [names[f"{p}.{m}"] for p in paths for m in ("to_q", "to_k", "to_v", "to_out.0") if f"{p}.{m}" in names]
+def image_projections(model: nn.Module, adapter: FamilyAdapter, paths: list[str]) -> list[nn.Module]:
+    """The image stream's Q/K/V/out projections of the attentions at `paths` (Flux single-stream
+    blocks project the attention output in the block)."""
+    layout = adapter.layout(model)
+    return [model.get_submodule(q) for p in paths for q in layout.attention(p).image_projections]
 
 
-def _install(model: nn.Module, paths: list[str], make) -> None:
+def _install(model: nn.Module, adapter: FamilyAdapter, paths: list[str], make) -> None:
+    """Give each attention at `paths` the processor `make(attention, joint)`."""
+    layout = adapter.layout(model)
     for path in paths:
-        attn = model.get_submodule(path)
-        attn.set_processor(make(attn))
+        view = layout.attention(path)
+        view.module.set_processor(make(view.module, view.kind == JOINT_ATTENTION))
 
 
-def lit_(model, paths, family, heads, grid, kernel) -> None:
-    if family in SELF_ATTENTION_FAMILIES:
-        _install(model, paths, lambda a: LiTProcessor(a.to_q.out_features, heads, grid, kernel))
-    else:
-        _install(model, paths, lambda a: LiTJointProcessor(family, a.to_q.out_features, heads, grid, kernel))
+def lit_(model, paths, adapter, heads, grid, kernel) -> None:
+    _install(model, adapter, paths, lambda a, joint: (LiTJointProcessor if joint else LiTProcessor)(
+        a.to_q.out_features, heads, grid, kernel))
 
 
-def clear_(model, paths, family, grid, radius, tile) -> None:
-    if family in SELF_ATTENTION_FAMILIES:
-        _install(model, paths, lambda a: CLEARProcessor(grid, radius, tile))
-    else:
-        _install(model, paths, lambda a: CLEARJointProcessor(family, grid, radius, tile))
+def clear_(model, paths, adapter, grid, radius, tile) -> None:
+    _install(model, adapter, paths, lambda a, joint: (CLEARJointProcessor if joint else CLEARProcessor)(
+        grid, radius, tile))
 
 
 class _AttentionStage(Stage):
@@ -89,12 +84,12 @@ class LiTStage(_AttentionStage):
 
     def apply(self, model, config: LiTConfig, ctx: StageContext):
         adapter = ctx.teacher.with_model(model).adapter
-        attns = image_attentions(model, adapter.family, config.blocks, "lit")
+        attns = image_attentions(model, adapter, config.blocks, "lit")
         grid = ctx.teacher.adapter.token_grid()
         if not config.inherit_projections:  # LiT: attention weights start fresh, everything else inherited
-            for lin in image_projections(model, list(attns)):
+            for lin in image_projections(model, adapter, list(attns)):
                 lin.reset_parameters()
-        lit_(model, list(attns), adapter.family, config.heads, grid, config.kernel)
+        lit_(model, list(attns), adapter, config.heads, grid, config.kernel)
         log.info("lit: %d attentions -> linear attention (%d heads, %dx%d grid, kernel %d)",
                  len(attns), config.heads, *grid, config.kernel)
         blocks = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
@@ -116,7 +111,7 @@ class LiTStage(_AttentionStage):
                 "every other weight inherited; hybrid distillation (task + teacher output)."]
 
     def restore(self, model, config, metadata, adapter):
-        lit_(model, metadata["layers"], metadata["family"], metadata["heads"], tuple(metadata["grid"]),
+        lit_(model, metadata["layers"], adapter, metadata["heads"], tuple(metadata["grid"]),
              metadata["kernel"])
         return model
 
@@ -127,16 +122,16 @@ class CLEARStage(_AttentionStage):
 
     def apply(self, model, config: CLEARConfig, ctx: StageContext):
         adapter = ctx.teacher.with_model(model).adapter
-        attns = image_attentions(model, adapter.family, config.blocks, "clear")
+        attns = image_attentions(model, adapter, config.blocks, "clear")
         grid = ctx.teacher.adapter.token_grid()
-        clear_(model, list(attns), adapter.family, grid, config.radius, config.tile)
+        clear_(model, list(attns), adapter, grid, config.radius, config.tile)
         log.info("clear: %d attentions -> local attention (radius %d on a %dx%d grid)", len(attns), config.radius,
                  *grid)
         recover = config.recover
         if recover.trainable == ["*"]:  # the paper trains the image stream's projections only
             names = {m: n for n, m in model.named_modules()}
-            recover = recover.model_copy(update={"trainable": [f"{names[m]}.*"
-                                                               for m in image_projections(model, list(attns))]})
+            projections = image_projections(model, adapter, list(attns))
+            recover = recover.model_copy(update={"trainable": [f"{names[m]}.*" for m in projections]})
         objective = CLEARObjective(ctx.teacher.adapter, list(attns), config.output_weight, config.attention_weight)
         training = Distiller(ctx.teacher.model, model, ctx.teacher.adapter, ctx.calibration, recover,
                              ctx.work_dir, desc="clear distill", objective=objective).run()
@@ -157,6 +152,6 @@ class CLEARStage(_AttentionStage):
                 "training the image stream's Q/K/V/out only."]
 
     def restore(self, model, config, metadata, adapter):
-        clear_(model, metadata["layers"], metadata["family"], tuple(metadata["grid"]), metadata["radius"],
+        clear_(model, metadata["layers"], adapter, tuple(metadata["grid"]), metadata["radius"],
                metadata["tile"])
         return model

@@ -19,85 +19,64 @@ import torch.nn as nn
 from ...data.calibration import CalibrationSet
 from ...errors import UnsupportedModelError
 from ...models.families import FamilyAdapter
+from ...probes.capture import Capture
+from ...probes.taylor import task_losses
 from .layer import MoEFeedForward
+
+TAYLOR_FIRST_SEED = 40_000_000  # calibration draws of the Taylor statistics
 
 
 def dense_ffns(model: nn.Module, adapter: FamilyAdapter, targets: tuple[str, ...]) -> dict[str, nn.Module]:
-    """The diffusers FeedForward modules named `targets` inside transformer blocks, by module path."""
+    """The FFNs named `targets` in their blocks (e.g. "ff", "ff_context"), by module path."""
     found = {}
-    for group, i, block in adapter.blocks(model):
-        for t in targets:
-            ff = getattr(block, t, None)
-            if ff is None:
-                continue
-            act = ff.net[0] if hasattr(ff, "net") else None
-            if not (isinstance(getattr(act, "proj", None), nn.Linear) and hasattr(act, "approximate")
-                    and isinstance(ff.net[2], nn.Linear)):
-                raise UnsupportedModelError(
-                    f"{group.attr}.{i}.{t}: only GELU FeedForward layers convert to MoE, found "
-                    f"{type(act).__name__ if act is not None else type(ff).__name__}")
-            found[f"{group.attr}.{i}.{t}"] = ff
+    for view in adapter.layout(model).ffns():
+        if view.name not in targets:
+            continue
+        ff = model.get_submodule(view.path)
+        act = ff.net[0] if view.form == "feedforward" else None
+        if not (isinstance(getattr(act, "proj", None), nn.Linear) and hasattr(act, "approximate")
+                and isinstance(ff.net[2], nn.Linear)):
+            found_type = type(act).__name__ if act is not None else f"{type(ff).__name__} ({view.form})"
+            raise UnsupportedModelError(
+                f"{view.path}: only GELU FeedForward layers convert to MoE, found {found_type}")
+        found[view.path] = ff
     if not found:
         raise UnsupportedModelError(f"{adapter.family}: no FeedForward named {list(targets)} in its blocks")
     return found
 
 
-class _FFNRecorder:
-    """FFN inputs, hidden activations and their gradients on a token sample."""
-
-    def __init__(self, ffns: dict[str, nn.Module], max_tokens: int):
-        self.max_tokens, self.data = max_tokens, {n: {"x": [], "a": [], "g": [], "score": 0.0} for n in ffns}
-        self.handles = []
-        for name, ff in ffns.items():
-            self.handles.append(ff.register_forward_pre_hook(self._inputs(name)))
-            self.handles.append(ff.net[2].register_forward_pre_hook(self._hidden(name)))
-
-    def _inputs(self, name):
-        def pre(_m, args):
-            self.data[name]["x"].append(args[0].detach().reshape(-1, args[0].shape[-1])[: self.max_tokens])
-        return pre
-
-    def _hidden(self, name):
-        def pre(_m, args):
-            a = args[0]
-            d = self.data[name]
-            d["a"].append(a.detach().reshape(-1, a.shape[-1])[: self.max_tokens])
-
-            def grad_hook(g):
-                taylor = (a.detach() * g).abs().reshape(-1, a.shape[-1])
-                d["score"] = d["score"] + taylor.sum(0)
-                d["g"].append(taylor[: self.max_tokens])
-            a.register_hook(grad_hook)
-        return pre
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 def record_ffns(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, ffns: dict[str, nn.Module],
                 batches: int = 4, batch_size: int = 32, max_tokens: int = 1024) -> dict[str, dict]:
-    """Per FFN: inputs x (T, dim), activations a (T, H), Taylor profiles (T, H), Taylor scores (H)."""
-    rec = _FFNRecorder(ffns, max_tokens)
+    """Per FFN: inputs x (T, dim), activations a (T, H), Taylor profiles (T, H), Taylor scores (H),
+    on the first `max_tokens` tokens of each calibration draw (scores on all of them)."""
+    data = {n: {"x": [], "a": [], "g": [], "score": 0.0} for n in ffns}
+
+    def inputs(name, x):
+        data[name]["x"].append(x.detach().reshape(-1, x.shape[-1])[:max_tokens])
+
+    def hidden(name, a):  # the down-projection's input: the FFN's hidden activations
+        d = data[name]
+        d["a"].append(a.detach().reshape(-1, a.shape[-1])[:max_tokens])
+
+        def grad_hook(g):
+            taylor = (a.detach() * g).abs().reshape(-1, a.shape[-1])
+            d["score"] = d["score"] + taylor.sum(0)
+            d["g"].append(taylor[:max_tokens])
+        a.register_hook(grad_hook)
+
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(True)  # activations need a graph to have gradients
     try:
-        for k in range(batches):
-            g = torch.Generator().manual_seed(40_000_000 + k)
-            idx = torch.randint(0, len(calib), (batch_size,), generator=g)
-            x0 = calib.x0[idx]
-            noise = torch.randn(x0.shape, generator=g)
-            t = calib.schedule.draw_timesteps(batch_size, g)
-            cond = {key: v[idx] for key, v in calib.cond.items()}
-            pred = adapter.denoise(model, calib.schedule.add_noise(x0, noise, t), t, cond)
-            torch.mean((pred - calib.schedule.target(x0, noise)) ** 2).backward()
+        with Capture(ffns, at="input", on=inputs), \
+                Capture({n: ff.net[2] for n, ff in ffns.items()}, at="input", on=hidden):
+            for loss in task_losses(model, adapter, calib, batches, batch_size, TAYLOR_FIRST_SEED):
+                loss.backward()
     finally:
-        rec.close()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
             p.grad = None
     return {n: {"x": torch.cat(d["x"]), "a": torch.cat(d["a"]), "profile": torch.cat(d["g"]), "score": d["score"]}
-            for n, d in rec.data.items()}
+            for n, d in data.items()}
 
 
 def balanced_groups(features: torch.Tensor, groups: int, iters: int = 15, seed: int = 0) -> list[list[int]]:

@@ -172,7 +172,7 @@ class MoEStage(Stage):
 
     def _mob(self, model, adapter, config: MoBConfig, ctx: StageContext) -> dict:
         """Step 3: wrap the blocks in a Mixture of Blocks and optimise it with the group feature loss."""
-        from ..prune.analysis import block_influence, hidden_width
+        from ...probes.boundaries import block_influence, hidden_width
 
         group = adapter.block_groups[0]
         blocks = getattr(model, group.attr)

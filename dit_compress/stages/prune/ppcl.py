@@ -35,7 +35,7 @@ import torch.nn as nn
 from ...errors import RecipeError
 from ...models.families import FamilyAdapter
 from ...train.distill import Objective, normalised_mse
-from .analysis import probe_r2
+from ...probes.redundancy import probe_r2
 
 
 @dataclass(frozen=True)

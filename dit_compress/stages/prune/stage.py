@@ -11,8 +11,9 @@ from ...core.processes import process_local
 from ...core.stage import Stage, StageContext
 from ...errors import RecipeError
 from ...models.families import FamilyAdapter
+from ...probes.boundaries import block_influence, boundary_states
+from ...probes.redundancy import analyse_states
 from ...train.distill import Distiller
-from .analysis import analyse_states, block_influence, boundary_states
 from .config import PruneConfig
 from .width import QKV, attention_modules, ffn_inputs, replay_width_, width_prune_
 
@@ -54,8 +55,8 @@ def width_record(model: nn.Module, adapter: FamilyAdapter, teacher: nn.Module, t
     shapes = {n: list(p.shape) for n, p in model.named_parameters()
               if tuple(p.shape) != tuple(t_params[source(n)].shape)}
     heads = {}
-    for g, i, block in adapter.blocks(model):
-        for name, attn in attention_modules(block):
+    for (g, i, _), attns in zip(adapter.blocks(model), attention_modules(adapter, model)):
+        for name, attn in attns:
             full = f"{g.attr}.{i}.{name}"
             if attn.heads != t_mods[source(full)].heads:
                 heads[full] = attn.heads
@@ -67,14 +68,14 @@ def _prunable_parameters(adapter: FamilyAdapter, model: nn.Module) -> tuple[int,
     smallest head count of any attention."""
     attn_params = ffn_params = 0
     heads = []
-    for _, _, block in adapter.blocks(model):
-        for _, attn in attention_modules(block):
+    for attns, ups in zip(attention_modules(adapter, model), ffn_inputs(adapter, model)):
+        for _, attn in attns:
             heads.append(attn.heads)
             attn_params += sum(p.numel() for q in QKV if isinstance(getattr(attn, q, None), nn.Linear)
                                for p in getattr(attn, q).parameters())
             outs = [getattr(attn, "to_out", [None])[0], getattr(attn, "to_add_out", None)]
             attn_params += sum(o.weight.numel() for o in outs if isinstance(o, nn.Linear))
-        for up in ffn_inputs(block):
+        for up in ups:
             ffn_params += 2 * up.weight.numel() + up.bias.numel()
     return attn_params, ffn_params, min(heads) if heads else 0
 
@@ -249,7 +250,7 @@ class PruneStage(Stage):
     def pictures(self, metadata, out, prefix):
         if not metadata.get("analysis"):
             return {}
-        from .analysis import plot_analysis
+        from ...probes.redundancy import plot_analysis
 
         name = f"analysis-{prefix}.png"
         plot_analysis(metadata["analysis"], out / name, [iv[:2] for iv in metadata.get("intervals", [])])

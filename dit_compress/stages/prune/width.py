@@ -21,47 +21,40 @@ import torch.nn as nn
 
 from ...data.calibration import CalibrationSet
 from ...errors import RecipeError, UnsupportedModelError
-from ...models.families import FamilyAdapter
+from ...models.families import SINGLE_BLOCK, FamilyAdapter
+from ...probes.boundaries import block_calls
+from ...probes.taylor import task_losses
 
 Importance = Literal["l2", "taylor"]
-WIDTH_FAMILIES = ("dit", "pixart", "sd3")
-_UNSUPPORTED = {
-    "flux": "Torch-Pruning's trace couples Flux's rotary embedding and its fused attention+MLP output "
-            "projection with unrelated channels",
-    "sana": "Sana blocks use linear attention and a convolutional GLU FFN",
-}
 QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+TAYLOR_FIRST_SEED = 30_000_000  # calibration draws of the Taylor gradients
+TAYLOR_BATCHES, TAYLOR_BATCH_SIZE = 2, 32
 
 
-def attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Multi-head attentions of a block: modules with q/k/v projections and a head count."""
-    return [(n, m) for n, m in block.named_modules()
-            if all(isinstance(getattr(m, p, None), nn.Linear) for p in QKV[:3]) and hasattr(m, "heads")]
+def attention_modules(adapter: FamilyAdapter, model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """Per block: its attentions as (path within the block, module)."""
+    return [[(a.path[len(b.path) + 1:], a.module) for a in b.attentions] for b in adapter.layout(model).blocks]
 
 
-def ffn_inputs(block: nn.Module) -> list[nn.Linear]:
-    """The first projection of each FFN (diffusers' FeedForward: net.0.proj)."""
-    return [m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.endswith("net.0.proj")]
+def ffn_inputs(adapter: FamilyAdapter, model: nn.Module) -> list[list[nn.Linear]]:
+    """Per block: the first projection of each FeedForward FFN (the FFNs Torch-Pruning can trace)."""
+    return [[model.get_submodule(f.up) for f in b.ffns if f.form == "feedforward"]
+            for b in adapter.layout(model).blocks]
 
 
-def capture_block_calls(model: nn.Module, adapter: FamilyAdapter, x, t, cond) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) each block receives in one forward pass."""
-    blocks = [b for _, _, b in adapter.blocks(model)]
-    calls: list = [None] * len(blocks)
-
-    def hook(i):
-        def pre(_m, args, kwargs):
-            calls[i] = (args, kwargs)
-        return pre
-
-    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            adapter.denoise(model, x, t, cond)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
+def unsupported(adapter: FamilyAdapter, model: nn.Module) -> list[str]:
+    """Why Torch-Pruning cannot prune this model's width (nothing when it can)."""
+    layout = adapter.layout(model)
+    reasons = []
+    if adapter.rotary:
+        reasons.append("Torch-Pruning's trace couples the rotary position embedding with unrelated channels")
+    if layout.blocks_of(SINGLE_BLOCK):
+        reasons.append("single-stream blocks fuse the attention and MLP output projections into one proj_out")
+    if any(a.linear for a in layout.attentions()):
+        reasons.append("its blocks use linear attention")
+    if any(f.form != "feedforward" for f in layout.ffns()):
+        reasons.append(f"its FFNs are {sorted({f.form for f in layout.ffns()} - {'feedforward'})}, not FeedForward")
+    return reasons
 
 
 def _sum_outputs(out) -> torch.Tensor:
@@ -69,22 +62,11 @@ def _sum_outputs(out) -> torch.Tensor:
     return sum(o.float().sum() for o in outs if torch.is_tensor(o))
 
 
-def taylor_gradients_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, batches: int = 2,
-                      batch_size: int = 32) -> None:
-    """Accumulate gradients of the flow-matching task loss (v = noise - x0) for Taylor importance.
-
-    A copy of the teacher matches the teacher exactly, so a distillation loss would have zero
-    gradient; the task loss on teacher-generated x0 is what the teacher was trained on."""
+def taylor_gradients_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet) -> None:
+    """Accumulate gradients of the mean task loss over the Taylor draws (for Taylor importance)."""
     model.zero_grad(set_to_none=True)
-    for k in range(batches):
-        g = torch.Generator().manual_seed(30_000_000 + k)
-        idx = torch.randint(0, len(calib), (batch_size,), generator=g)
-        x0 = calib.x0[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = calib.schedule.draw_timesteps(batch_size, g)
-        cond = {key: v[idx] for key, v in calib.cond.items()}
-        pred = adapter.denoise(model, calib.schedule.add_noise(x0, noise, t), t, cond)
-        (torch.mean((pred - calib.schedule.target(x0, noise)) ** 2) / batches).backward()
+    for loss in task_losses(model, adapter, calib, TAYLOR_BATCHES, TAYLOR_BATCH_SIZE, TAYLOR_FIRST_SEED):
+        (loss / TAYLOR_BATCHES).backward()
 
 
 def width_prune_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, heads: float, ffn: float,
@@ -94,15 +76,16 @@ def width_prune_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet
     Returns {"shapes": {param: shape}, "heads": {attention module: heads}} for `replay_width_`."""
     import torch_pruning as tp
 
-    if adapter.family not in WIDTH_FAMILIES:
+    reasons = unsupported(adapter, model)
+    if reasons:
         raise UnsupportedModelError(
-            f"width pruning supports {', '.join(WIDTH_FAMILIES)}, not {adapter.family}: "
-            + _UNSUPPORTED.get(adapter.family, "") + "; use depth pruning instead")
+            f"width pruning supports softmax attention and FeedForward FFNs, not {adapter.family}: "
+            + "; ".join(reasons) + "; use depth pruning instead")
     all_blocks = [b for _, _, b in adapter.blocks(model)]
     names = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
+    attentions, ffns = attention_modules(adapter, model), ffn_inputs(adapter, model)
     before = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    x, t, cond = adapter.example_inputs(2)
-    calls = capture_block_calls(model, adapter, x, t, cond)
+    calls = block_calls(model, adapter, *adapter.example_inputs(2))
     was_training = model.training
     model.requires_grad_(True)
     if importance == "taylor":
@@ -112,11 +95,11 @@ def width_prune_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet
         imp = tp.importance.GroupMagnitudeImportance(p=2)
     head_counts: dict[str, int] = {}
     for i, block in enumerate(all_blocks):
-        attns = attention_modules(block)
+        attns = attentions[i]
         roots = {getattr(a, p) for _, a in attns for p in QKV if isinstance(getattr(a, p, None), nn.Linear)}
         num_heads = {getattr(a, p): a.heads for _, a in attns for p in QKV
                      if isinstance(getattr(a, p, None), nn.Linear)}
-        up = ffn_inputs(block)
+        up = ffns[i]
         roots |= set(up)
         ignored = [m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in roots]
         args, kwargs = calls[i]
