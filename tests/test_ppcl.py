@@ -18,7 +18,7 @@ from dit_compress.models.load import LoadedModel
 from dit_compress.sampling import DEFAULT_SCHEDULER
 from dit_compress.stages.prune.ppcl import ContiguousLayerObjective, Interval, PluggableSupernet, make_plans, \
     plan_removal, streams
-from dit_compress.stages.prune.width import attention_modules, replay_width_, width_prune_
+from dit_compress.stages.prune.width import replay_width_, width_prune_
 
 
 def _loaded(family):
@@ -101,9 +101,9 @@ def test_width_pruning_keeps_whole_heads_and_replays(family, importance, calibra
     before = sum(p.numel() for p in model.parameters())
     record = width_prune_(model, teacher.adapter, calib, heads=0.5, ffn=0.5, importance=importance)
     assert sum(p.numel() for p in model.parameters()) < 0.9 * before
-    for _, _, block in teacher.adapter.blocks(model):
-        for _, attn in attention_modules(block):
-            assert attn.heads == 1 and attn.to_q.out_features == attn.to_k.out_features == 8  # 1 head x 8
+    for view in teacher.adapter.layout(model).attentions():
+        attn = view.module
+        assert attn.heads == 1 and attn.to_q.out_features == attn.to_k.out_features == 8  # 1 head x 8
     fresh = tiny_model(family)
     replay_width_(fresh, record)
     fresh.load_state_dict(model.state_dict())

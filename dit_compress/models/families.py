@@ -197,6 +197,7 @@ class FamilyAdapter(ABC):
     block_groups: tuple[BlockGroup, ...] = (BlockGroup("transformer_blocks", "num_layers"),)
     text_tokens: int = 8  # prompt length used for synthetic text conditions
     rotary: bool = False  # attention applies rotary position embeddings (passed to each block)
+    timestep_scale: float = 1.0  # the model's forward takes scheduler timesteps divided by this
 
     def __init__(self, model: nn.Module, latent_size: int | None = None):
         self.config = dict(model.config)
@@ -416,6 +417,7 @@ class FluxAdapter(_MMDiT, FamilyAdapter):
     )
     guidance_scale = 3.5  # distilled-guidance models take it as an input
     rotary = True
+    timestep_scale = 1000.0  # Flux takes t in 0..1
 
     @property
     def in_channels(self) -> int:
@@ -451,7 +453,7 @@ class FluxAdapter(_MMDiT, FamilyAdapter):
         txt = cond["encoder_hidden_states"]
         txt_ids = torch.zeros(txt.shape[1], 3, dtype=x.dtype, device=x.device)
         out = model(tokens, encoder_hidden_states=txt, pooled_projections=cond["pooled_projections"],
-                    timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids,
+                    timestep=t / self.timestep_scale, img_ids=img_ids, txt_ids=txt_ids,
                     guidance=cond.get("guidance"), return_dict=False)[0]
         return out.view(b, hh, ww, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
@@ -482,7 +484,7 @@ class LabelConditionedAdapter(FamilyAdapter):
     def __init__(self, base: FamilyAdapter, conditioner: nn.Module):
         self.base, self.conditioner = base, conditioner
         self.family, self.class_name, self.block_groups = base.family, base.class_name, base.block_groups
-        self.rotary = base.rotary
+        self.rotary, self.timestep_scale = base.rotary, base.timestep_scale
 
     @property
     def config(self) -> dict:
