@@ -198,6 +198,10 @@ class FamilyAdapter(ABC):
     text_tokens: int = 8  # prompt length used for synthetic text conditions
     rotary: bool = False  # attention applies rotary position embeddings (passed to each block)
     timestep_scale: float = 1.0  # the model's forward takes scheduler timesteps divided by this
+    # Layout details that differ by family (block parts are named by block kind).
+    text_embedding: tuple[str, ...] = ()   # modules that project prompt tokens into the model
+    head_modulation: tuple[str, ...] = ()  # modulation of the output head
+    linear_self_attention = False          # the family's own self-attention is already linear
 
     def __init__(self, model: nn.Module, latent_size: int | None = None):
         self.config = dict(model.config)
@@ -257,11 +261,6 @@ class FamilyAdapter(ABC):
                                     tuple(f for f in self._ffns(g.kind, block, prefix) if f),
                                     self._modulation(g.kind, block, prefix)))
         return ModelLayout(tuple(blocks), self._embedding(model), self.text_embedding, self.head_modulation)
-
-    # What the layout reads; a family with other names overrides these.
-    text_embedding: tuple[str, ...] = ()
-    head_modulation: tuple[str, ...] = ()
-    linear_self_attention = False  # the family's self-attention is already linear
 
     def _attentions(self, kind: str, block: nn.Module, prefix: str) -> list[AttentionView | None]:
         if kind == DIT_BLOCK:
