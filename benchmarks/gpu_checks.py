@@ -154,7 +154,8 @@ def _variant(config: dict, kind: str, latent: int):
     with torch.device(DEVICE):
         model = getattr(diffusers, cfg.pop("_class_name")).from_config(cfg)
     model = model.to(torch.bfloat16).eval().requires_grad_(False)
-    family = get_adapter(model, latent).family
+    base = get_adapter(model, latent)
+    family = base.family
     grid = (latent // cfg["patch_size"],) * 2
     if kind == "depth50":
         keep = list(model.transformer_blocks)[::2]
@@ -168,10 +169,10 @@ def _variant(config: dict, kind: str, latent: int):
         for i, block in enumerate(model.transformer_blocks):
             replace_module_(model, f"transformer_blocks.{i}.ff", to_moe(block.ff.float()).to(DEVICE, torch.bfloat16))
     elif kind == "lit":
-        lit_(model, list(image_attentions(model, family, None, "lit")), family, 2, grid, 5)
+        lit_(model, list(image_attentions(model, base, None, "lit")), base, 2, grid, 5)
         model.to(DEVICE, torch.bfloat16)
     elif kind == "clear":
-        clear_(model, list(image_attentions(model, family, None, "clear")), family, grid, 8, 8)
+        clear_(model, list(image_attentions(model, base, None, "clear")), base, grid, 8, 8)
     adapter = get_adapter(model, latent)
     adapter.text_tokens = 77
     return model, adapter
