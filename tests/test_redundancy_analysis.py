@@ -1,4 +1,4 @@
-"""PPCL's redundancy analysis: CKA and probe properties, interval finding, and the CLI."""
+"""PPCL's redundancy analysis: CKA and probe properties, interval finding, progress, and the CLI."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import json
 import torch
 from click.testing import CliRunner
 
-from conftest import save_tiny
+from conftest import LATENT, save_tiny, tiny_model
 from dit_compress.cli import main
-from dit_compress.probes.redundancy import find_intervals, linear_cka, probe_r2
+from dit_compress.data.calibration import CalibrationSpec, build_calibration
+from dit_compress.models.families import get_adapter
+from dit_compress.models.load import LoadedModel
+from dit_compress.probes.boundaries import block_influence
+from dit_compress.probes.redundancy import analyse_redundancy, find_intervals, linear_cka, probe_r2
+from dit_compress.sampling import DEFAULT_SCHEDULER
 
 
 def test_linear_cka_invariances():
@@ -50,3 +55,17 @@ def test_analyse_only_cli(tmp_path):
     assert all(0 not in iv["blocks"] for iv in a["intervals"])
     assert (tmp_path / "a" / "analysis.png").stat().st_size > 10_000
     assert not (tmp_path / "a" / "checkpoint").exists(), "--analyse-only prunes nothing"
+
+
+def test_probes_say_what_they_probe(capfd):
+    """The analysis shows progress, each bar naming its probe (it ran ~67 silent seconds)."""
+    model = tiny_model("dit")
+    teacher = LoadedModel(model, get_adapter(model, LATENT), dict(DEFAULT_SCHEDULER), "tiny:dit", latent_size=LATENT)
+    calib = build_calibration(teacher, CalibrationSpec(num_samples=8, sampling_steps=2))
+    capfd.readouterr()
+    analyse_redundancy(model, teacher.adapter, calib, batches=2, batch_size=4)
+    block_influence(model, teacher.adapter, calib, batches=2, batch_size=4)
+    err = capfd.readouterr().err
+    for probe in ("block boundary states", "block similarity and linear probes", "CKA between block boundaries",
+                  "block influence"):
+        assert f"probe: {probe}" in err
