@@ -234,7 +234,7 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
             log.info("exporting %s to ONNX (dynamo) with parity check", name)
             export_info, onnx_path = to_onnx(model, name)
         with meter("evaluation"):
-            quality, pictures = ev.quality(model)
+            quality, pictures = ev.quality(model, name)
         with meter("cost (latency, memory)"):
             cost = ev.cost(model, onnx_path, teacher_onnx, str(checkpoint))
         return quality, pictures, cost, export_info, onnx_path
