@@ -366,7 +366,7 @@ def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: 
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
               default=("fp16", "int8-dynamic"), show_default=True, help="ONNX variants to time besides fp32.")
 @click.option("--repeats", type=int, default=20, show_default=True)
-@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
+@config_option("--latent-size", section="model", path="latent_size")
 @_errors
 def bench(dense: str, compressed: str | None, out: Path, batches: str, threads: str, precisions: tuple[str, ...],
           repeats: int, latent_size: int | None) -> None:
@@ -545,7 +545,7 @@ def torch_labels(num_classes: int, n: int):
 @click.option("--labels", help="Comma-separated task class labels [default: 0,1,...].")
 @click.option("-n", "--num", type=int, default=10, show_default=True)
 @click.option("--sampling-steps", "steps", type=click.IntRange(min=1), help="Sampling steps [default: the model card's].")
-@click.option("--guidance", type=float, help="Guidance scale (default: the model card's).")
+@click.option("--guidance", type=click.FloatRange(min=1.0), help="Guidance scale [default: the model card's].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Image grid (.png).")
 @_errors
@@ -578,12 +578,12 @@ def adapter_sample(source: str, folders: tuple[Path, ...], active: str | None, l
 @click.option("--bake-steps", type=int,
               help="TD-LoRA: merge the update per timestep of an N-step schedule (one graph per step) "
                    "instead of keeping the low-rank path in one graph.")
-@click.option("--atol", type=float, default=1e-4, show_default=True)
+@config_option("--atol", section="export", path="parity_atol", help="Parity limit (max abs error).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output .onnx path, or a folder with --bake-steps.")
 @_errors
-def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, bake_steps: int | None, atol: float,
-                   out: Path) -> None:
+def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, bake_steps: int | None,
+                   atol: float | None, out: Path) -> None:
     """Export SOURCE with an adapter to ONNX, with the parity check."""
     from .adapters.export import export_baked
     from .adapters.serve import with_adapters
@@ -594,6 +594,7 @@ def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, b
     from .export.artifact import deployment_card
     from .export.onnx import export_onnx
 
+    atol = atol or resolve_field("export", "parity_atol").default
     loaded = with_adapters(load_any(source), list(folders), active)
     card = deployment_card(loaded, *resolved_sampling(loaded, bake_steps, None))
     if bake_steps:
