@@ -544,7 +544,8 @@ def torch_labels(num_classes: int, n: int):
 @click.option("--use", "active", help="The adapter that runs (required when several are loaded).")
 @click.option("--labels", help="Comma-separated task class labels [default: 0,1,...].")
 @click.option("-n", "--num", type=int, default=10, show_default=True)
-@click.option("--sampling-steps", "steps", type=click.IntRange(min=1), help="Sampling steps [default: the model card's].")
+@click.option("--sampling-steps", "steps", type=click.IntRange(min=1),
+              help="Sampling steps [default: the model card's].")
 @click.option("--guidance", type=click.FloatRange(min=1.0), help="Guidance scale [default: the model card's].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Image grid (.png).")
