@@ -32,7 +32,10 @@ def _errors(fn):
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[ditc] %(message)s"))
+    handler.ditc = True
     log = logging.getLogger("dit_compress")
+    for old in [h for h in log.handlers if getattr(h, "ditc", False)]:  # an earlier call in this process
+        log.removeHandler(old)
     log.addHandler(handler)
     log.propagate = False  # libraries that configure the root logger would print every line twice
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
