@@ -257,3 +257,33 @@ def test_rerun_of_a_finished_run_reuses_its_report(tmp_path, monkeypatch):
     (out / "checkpoint" / "model.safetensors").unlink()
     res = _cli("run", path, "-o", out)
     assert res.exit_code == 2 and "the teacher was loaded" in res.output
+
+
+def test_other_commands_defaults_are_their_library_defaults():
+    """Commands over dataclass configs or functions show those defaults, not their own."""
+    import dataclasses
+    import inspect
+
+    from dit_compress.codec.train import CodecTrainConfig
+    from dit_compress.train.finetune import METHODS, FinetuneConfig
+    from dit_compress.train.zoo import train_zoo
+
+    def defaults(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def options(*path):
+        cmd = main
+        for name in path:
+            cmd = cmd.commands[name]
+        return {p.name: p for p in cmd.params}
+
+    adapter = options("adapter", "train")
+    assert {k: adapter[k].default for k in ("steps", "batch_size")} == \
+        {k: defaults(FinetuneConfig)[k] for k in ("steps", "batch_size")}
+    assert set(adapter["method"].type.choices) == set(METHODS)
+    codec = options("codec", "train")
+    assert {k: codec[k].default for k in ("transform_steps", "decoder_steps")} == \
+        {k: defaults(CodecTrainConfig)[k] for k in ("transform_steps", "decoder_steps")}
+    zoo = options("zoo-train")
+    signature = inspect.signature(train_zoo).parameters
+    assert (zoo["steps"].default, zoo["seed"].default) == (signature["steps"].default, signature["seed"].default)
