@@ -1,4 +1,4 @@
-"""`ditc`: a thin command line over the library. Errors print one line and exit 2."""
+"""`ditc`: a thin command line over the library. Errors print one `error:` line per problem and exit 2."""
 
 from __future__ import annotations
 
