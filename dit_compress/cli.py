@@ -1,4 +1,4 @@
-"""`ditc`: a thin command line over the library. Errors print one line and exit 2."""
+"""`ditc`: a thin command line over the library. Errors print one `error:` line per problem and exit 2."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from .cli_options import (THREADS_ENV, ConfigOption, config_option, quiet_library_warnings, resolve_field,
+                          set_threads, stage_options)
 from .errors import DitcError
 
 EXIT_ERROR, EXIT_GATE = 2, 1
@@ -21,7 +23,8 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except DitcError as e:
-            click.echo(f"error: {e}", err=True)
+            for line in str(e).splitlines():  # a recipe may have several problems, one per line
+                click.echo(f"error: {line}", err=True)
             sys.exit(EXIT_ERROR)
     return wrapper
 
@@ -29,7 +32,10 @@ def _errors(fn):
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[ditc] %(message)s"))
+    handler.ditc = True
     log = logging.getLogger("dit_compress")
+    for old in [h for h in log.handlers if getattr(h, "ditc", False)]:  # an earlier call in this process
+        log.removeHandler(old)
     log.addHandler(handler)
     log.propagate = False  # libraries that configure the root logger would print every line twice
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -49,14 +55,24 @@ def _print_gate(report: dict) -> int:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dit_compress")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logging, and the library warnings ditc otherwise filters out.")
+@click.option("--threads", type=click.IntRange(min=1), envvar=THREADS_ENV, show_envvar=True,
+              help="PyTorch and ONNX Runtime intra-op threads [default: one per core]. On a busy machine, "
+                   "fewer threads than cores can be far faster (see docs/cli.md).")
+def main(verbose: bool, threads: int | None) -> None:
     """dit_compress: compress Diffusion Transformers, export them, and gate their quality."""
     _setup_logging(verbose)
+    if not verbose:
+        quiet_library_warnings()
+    set_threads(threads)
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a recipe field, e.g. stages.0.prune.ratio=0.25 (repeatable).")
+redo_option = click.option("--redo-eval", is_flag=True,
+                           help="Export and evaluate again even if OUT holds the report of this same recipe "
+                                "(finished stages are still restored, not retrained).")
 
 
 @main.command()
@@ -64,10 +80,23 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @set_option
 @_errors
 def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
-    """Check RECIPE (types, ranges, stage names and keys) without loading any weights."""
+    """Check RECIPE without loading any weights: every error at once (types, ranges, stage names,
+    keys, with "did you mean"), and the model source as `run` will find it (zoo name, path, class).
+
+    A file holding only a `gate:` list (for `ditc check --gate`) is checked as a gate file."""
+    import yaml
+
     from .core.recipe import load_recipe
 
-    r = load_recipe(recipe, list(overrides))
+    try:
+        raw = yaml.safe_load(recipe.read_text())
+    except (OSError, yaml.YAMLError):
+        raw = None  # load_recipe reports it
+    if isinstance(raw, dict) and set(raw) == {"gate"}:
+        rules = _gate_rules(raw["gate"], recipe)
+        click.echo(f"ok: gate file {recipe} ({len(rules)} rules)")
+        return
+    r = load_recipe(recipe, list(overrides), check_source=True)
     click.echo(f"ok: {r.name} ({len(r.stages)} stage(s): {', '.join(s.name for s in r.stages)}; hash {r.hash})")
 
 
@@ -75,15 +104,17 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @set_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (default exports/NAME).")
+@redo_option
 @_errors
-def run(recipe: Path, overrides: tuple[str, ...], out: Path | None) -> None:
-    """Run RECIPE end to end; exit 1 if its quality gate fails. Re-running resumes."""
+def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, redo_eval: bool) -> None:
+    """Run RECIPE end to end; exit 1 if its quality gate fails. Re-running resumes; a finished run
+    of the same recipe reuses its report and re-applies the gate."""
     from .core.pipeline import run_recipe
     from .core.recipe import load_recipe
 
     r = load_recipe(recipe, list(overrides))
     out = out or Path("exports") / r.name
-    report = run_recipe(r, out)
+    report = run_recipe(r, out, reuse_report=not redo_eval)
     _finish(report, out)
 
 
@@ -113,120 +144,141 @@ def _summary(report: dict, out: Path) -> None:
         click.echo(f"  variant {label} ({v['checkpoint']}): " + _figures(v))
 
 
-@main.command()
-@click.argument("model")
-@click.option("--method", type=click.Choice(["ppcl", "depth", "width"]), default="ppcl", show_default=True,
-              help="ppcl: PPCL; depth / width: the naive baselines.")
-@click.option("--ratio", type=float, help="Fraction of blocks to remove (width: fraction of parameters).")
-@click.option("--ratios", help="ppcl: comma-separated further ratios trained in the same run (variants).")
-@click.option("--remove", help="depth: comma-separated block indices to remove instead of --ratio.")
-@click.option("--select", type=click.Choice(["block_influence", "last", "even"]), default="block_influence",
-              show_default=True, help="depth: which blocks --ratio removes.")
-@click.option("--heads", type=float, default=0.0, show_default=True, help="ppcl: fraction of heads to prune.")
-@click.option("--ffn", type=float, default=0.0, show_default=True, help="ppcl: fraction of FFN channels to prune.")
-@click.option("--importance", type=click.Choice(["l2", "taylor"]), help="Width-pruning criterion.")
-@click.option("--steps", type=int, default=600, show_default=True, help="Recovery distillation steps.")
-@click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
-@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
-@click.option("--analyse-only", is_flag=True,
-              help="Only analyse block redundancy (similarity, CKA, linear probes, intervals); prune nothing.")
-@set_option
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
-@_errors
-def prune(model: str, method: str, ratio: float | None, ratios: str | None, remove: str | None, select: str,
-          heads: float, ffn: float, importance: str | None, steps: int, subfolder: str | None,
-          latent_size: int | None, analyse_only: bool, overrides: tuple[str, ...], out: Path) -> None:
-    """Prune MODEL (zoo:NAME, folder, hub id), recover it, export and report; writes a run folder."""
-    from .core.pipeline import analyse, run_recipe
+def one_off_options(fn):
+    """What every one-off compression command shares: the model's location, a quick-trial
+    evaluation size, overrides, the output folder and --redo-eval."""
+    for decorator in reversed([
+        config_option("--subfolder", section="model", path="subfolder",
+                      help="Subfolder of MODEL holding the transformer."),
+        config_option("--latent-size", section="model", path="latent_size"),
+        config_option("--eval-samples", section="evaluation", path="num_samples",
+                      help="Samples per seed for the class and Fréchet metrics; e.g. 50 for a quick trial."),
+        config_option("--eval-seeds", section="evaluation", path="seeds",
+                      help="Comma-separated evaluation seeds; e.g. 0 for a quick trial."),
+        set_option,
+        click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Run folder."),
+        redo_option,
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _one_off(ctx: click.Context, params: dict, stage: str, model: str, out: Path, where: str):
+    """The recipe of a one-off command: its stage's options, the model and evaluation options."""
     from .core.recipe import apply_overrides, parse_recipe
 
-    spec = {"source": model, "subfolder": subfolder, "latent_size": latent_size}
+    raw = {"name": out.name, "model": {"source": model, **stage_options(params, ctx, "model")},
+           "evaluation": stage_options(params, ctx, "evaluation"),
+           "stages": [{stage: stage_options(params, ctx, stage)}]}
+    return parse_recipe(apply_overrides(raw, list(params["overrides"])), where)
+
+
+def _run_one_off(ctx: click.Context, params: dict, stage: str, model: str, out: Path, where: str) -> None:
+    from .core.pipeline import run_recipe
+
+    recipe = _one_off(ctx, params, stage, model, out, where)
+    _finish(run_recipe(recipe, out, reuse_report=not params["redo_eval"]), out)
+
+
+@main.command()
+@click.argument("model")
+@config_option("--method", section="prune", path="method", help="ppcl: PPCL; depth / width: the naive baselines.")
+@config_option("--ratio", section="prune", path="ratio")
+@config_option("--ratios", section="prune", path="ratios", help="ppcl: comma-separated further ratios trained in "
+               "the same run (written as variants).")
+@config_option("--remove", section="prune", path="remove",
+               help="depth: comma-separated block indices to remove instead of --ratio.")
+@config_option("--select", section="prune", path="select")
+@config_option("--head-fraction", section="prune", path="width.heads",
+               help="ppcl: fraction of attention heads to prune in every block.")
+@config_option("--ffn-fraction", section="prune", path="width.ffn",
+               help="ppcl: fraction of FFN hidden channels to prune in every block.")
+@config_option("--importance", section="prune", path="width.importance")
+@config_option("--steps", section="prune", path="recover.steps", help="Recovery distillation steps.")
+@click.option("--analyse-only", is_flag=True,
+              help="Only analyse block redundancy (similarity, CKA, linear probes, intervals); prune nothing.")
+@one_off_options
+@click.pass_context
+@_errors
+def prune(ctx: click.Context, model: str, out: Path, analyse_only: bool, **params) -> None:
+    """Prune MODEL (zoo:NAME, folder, hub id), recover it, export and report; writes a run folder."""
     if analyse_only:
+        from .core.pipeline import analyse
+
+        spec = {"source": model, **stage_options(params, ctx, "model")}
         result = analyse(spec, out)
         intervals = "; ".join(f"blocks {iv['blocks']} (probe R² {iv['probe_r2']:.3f})" for iv in result["intervals"])
         click.echo(f"wrote {out}/analysis.json and analysis.png; redundant intervals: {intervals or 'none'}")
         return
-
-    cfg: dict = {"method": method, "recover": {"steps": steps, "feature_weight": 1.0}}
-    if method == "depth":
-        cfg["select"] = select
-    if remove:
-        cfg["remove"] = [int(i) for i in remove.split(",")]
-    if ratio is not None:
-        cfg["ratio"] = ratio
-    if ratios:
-        cfg["ratios"] = [float(r) for r in ratios.split(",")]
-    if heads or ffn or importance:
-        cfg["width"] = {k: v for k, v in (("heads", heads), ("ffn", ffn), ("importance", importance)) if v}
-    raw = {"name": out.name, "model": spec, "stages": [{"prune": cfg}]}
-    r = parse_recipe(apply_overrides(raw, list(overrides)), "ditc prune")
-    report = run_recipe(r, out)
-    _summary(report, out)
+    _run_one_off(ctx, params, "prune", model, out, "ditc prune")
 
 
 @main.command()
 @click.argument("model")
-@click.option("--segments", type=int, default=8, show_default=True, help="Equal parts each FFN is cut into.")
-@click.option("--shared", "shared_segments", type=int, default=1, show_default=True,
-              help="Parts that form the always-on shared expert (the most important neurons).")
-@click.option("--top-k", type=int, default=2, show_default=True, help="Routed experts run per token.")
-@click.option("--balance-weight", type=float, default=0.05, show_default=True, help="Load-balancing loss weight.")
-@click.option("--steps", type=int, default=1200, show_default=True, help="Distillation steps.")
-@click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
-@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
-@set_option
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@config_option("--segments", section="moe", path="segments", help="Equal parts each FFN is cut into.")
+@config_option("--shared-segments", section="moe", path="shared_segments",
+               help="Parts that form the always-on shared expert (the most important neurons).")
+@config_option("--top-k", section="moe", path="top_k", help="Routed experts run per token.")
+@config_option("--balance-weight", section="moe", path="balance_weight")
+@config_option("--steps", section="moe", path="recover.steps", help="Distillation steps.")
+@one_off_options
+@click.pass_context
 @_errors
-def moe(model: str, segments: int, shared_segments: int, top_k: int, balance_weight: float, steps: int,
-        subfolder: str | None, latent_size: int | None, overrides: tuple[str, ...], out: Path) -> None:
+def moe(ctx: click.Context, model: str, out: Path, **params) -> None:
     """Dense2MoE: turn MODEL's FFNs into mixtures of experts, distil, export and report."""
-    from .core.pipeline import run_recipe
-    from .core.recipe import apply_overrides, parse_recipe
+    _run_one_off(ctx, params, "moe", model, out, "ditc moe")
 
-    cfg = {"segments": segments, "shared_segments": shared_segments, "top_k": top_k,
-           "balance_weight": balance_weight, "recover": {"steps": steps, "feature_weight": 1.0}}
-    raw = {"name": out.name, "model": {"source": model, "subfolder": subfolder, "latent_size": latent_size},
-           "stages": [{"moe": cfg}]}
-    report = run_recipe(parse_recipe(apply_overrides(raw, list(overrides)), "ditc moe"), out)
-    _finish(report, out)
+
+ATTENTION = ("lit", "clear")
 
 
 @main.command()
-@click.argument("source")
-@click.option("--attention", type=click.Choice(["lit", "clear"]),
-              help="Replace SOURCE's (a MODEL's) attention by LiT linear or CLEAR local attention and distil it.")
-@click.option("--heads", type=int, default=2, show_default=True, help="LiT: heads of the linear attention.")
-@click.option("--radius", type=int, default=8, show_default=True, help="CLEAR: neighbourhood radius in tokens.")
-@click.option("--steps", type=int, help="Distillation steps [default: 300; LiT 2000; CLEAR 1500].")
-@click.option("--lr", type=float, help="Learning rate [default: 2e-4, or 5e-4 with --attention].")
-@click.option("--feature-weight", type=float, default=0.0, show_default=True)
-@click.option("--subfolder", help="Subfolder of MODEL holding the transformer.")
-@set_option
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
-              help="New checkpoint folder, or the run folder with --attention.")
+@click.argument("model")
+@click.option("--method", type=click.Choice(ATTENTION), required=True,
+              help="lit: LiT linear attention; clear: CLEAR local attention.")
+@config_option("--linear-heads", section="lit", path="heads")
+@config_option("--radius", section="clear", path="radius")
+@config_option("--steps", section=ATTENTION, path="recover.steps", help="Distillation steps.")
+@config_option("--lr", section=ATTENTION, path="recover.lr", help="Learning rate.")
+@config_option("--feature-weight", section=ATTENTION, path="recover.feature_weight")
+@one_off_options
+@click.pass_context
 @_errors
-def distill(source: str, attention: str | None, heads: int, radius: int, steps: int | None, lr: float | None,
-            feature_weight: float, subfolder: str | None, overrides: tuple[str, ...], out: Path) -> None:
-    """Continue distilling a compressed checkpoint SOURCE from its teacher (writes a new checkpoint),
-    or with --attention convert a MODEL's attention and distil it (writes a run folder and report)."""
-    if attention is None:
-        from .core.pipeline import distill_checkpoint
+def attention(ctx: click.Context, model: str, method: str, out: Path, **params) -> None:
+    """Replace MODEL's softmax attention by LiT linear or CLEAR local attention, distil, export and report."""
+    for param in ctx.command.params:
+        if isinstance(param, ConfigOption) and params.get(param.name) is not None and method not in param.sections:
+            raise click.UsageError(f"{param.opts[0]} applies to --method {'/'.join(param.sections)}, not {method}")
+    _run_one_off(ctx, params, method, model, out, f"ditc attention --method {method}")
 
-        distill_checkpoint(Path(source), out, steps=steps or 300, lr=lr or 2e-4, feature_weight=feature_weight)
-        click.echo(f"wrote {out}")
-        return
-    from .core.pipeline import run_recipe
-    from .core.recipe import apply_overrides, parse_recipe
 
-    recover = {"steps": steps or {"lit": 2000, "clear": 1500}[attention], "lr": lr or 5e-4}
-    if attention == "lit":
-        cfg = {"heads": heads, "recover": {**recover, "feature_weight": feature_weight}}
-    else:
-        cfg = {"radius": radius, "recover": recover}
-    raw = {"name": out.name, "model": {"source": source, "subfolder": subfolder}, "stages": [{attention: cfg}]}
-    report = run_recipe(parse_recipe(apply_overrides(raw, list(overrides)), f"ditc distill --attention {attention}"),
-                        out)
-    _finish(report, out)
+def _distill_default(name: str):
+    import inspect
+
+    from .core.pipeline import distill_checkpoint
+
+    return inspect.signature(distill_checkpoint).parameters[name].default
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@config_option("--steps", section="distill", path="steps", help="Distillation steps.",
+               default_of=lambda: _distill_default("steps"))
+@config_option("--lr", section="distill", path="lr", help="Learning rate.", default_of=lambda: _distill_default("lr"))
+@config_option("--feature-weight", section="distill", path="feature_weight",
+               help="Weight of hidden-state matching at the last stage's mapped layers.",
+               default_of=lambda: _distill_default("feature_weight"))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="New checkpoint folder.")
+@_errors
+def distill(checkpoint: Path, steps: int | None, lr: float | None, feature_weight: float | None, out: Path) -> None:
+    """Continue distilling a compressed CHECKPOINT from its teacher; writes a new checkpoint.
+
+    (Attention conversion is `ditc attention`.)"""
+    from .core.pipeline import distill_checkpoint
+
+    given = {"steps": steps, "lr": lr, "feature_weight": feature_weight}
+    distill_checkpoint(checkpoint, out, **{k: v for k, v in given.items() if v is not None})
+    click.echo(f"wrote {out}")
 
 
 PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]
@@ -235,17 +287,18 @@ PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]
 @main.command()
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .onnx path.")
-@click.option("--batch", type=click.IntRange(min=2), default=2, show_default=True,
-              help="Tracing batch (the axis stays dynamic).")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity limit (max abs error).")
+@config_option("--batch", section="export", path="batch", help="Tracing batch (the axis stays dynamic).")
+@config_option("--atol", section="export", path="parity_atol", help="Parity limit (max abs error).")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
               help="Also write this deployment variant beside the fp32 graph (repeatable).")
-@click.option("--steps", type=int, help="Default sampling steps written to the card.")
-@click.option("--guidance", type=float, help="Default guidance scale written to the card.")
-@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
+@click.option("--sampling-steps", "steps", type=click.IntRange(min=1),
+              help="Default sampling steps written to the card [default: the model card's, else 16].")
+@click.option("--guidance", type=click.FloatRange(min=1.0),
+              help="Default guidance scale written to the card [default: the model card's, else 1].")
+@config_option("--latent-size", section="model", path="latent_size")
 @_errors
-def export(model: str, out: Path, batch: int, atol: float, precisions: tuple[str, ...], steps: int | None,
-           guidance: float | None, latent_size: int | None) -> None:
+def export(model: str, out: Path, batch: int | None, atol: float | None, precisions: tuple[str, ...],
+           steps: int | None, guidance: float | None, latent_size: int | None) -> None:
     """Export MODEL (a compressed checkpoint or any loadable model) to ONNX with a parity check.
 
     Writes OUT and its card OUT.json (what `ditc sample` needs), and each --precision variant."""
@@ -256,6 +309,8 @@ def export(model: str, out: Path, batch: int, atol: float, precisions: tuple[str
     from .export.deploy import derive
     from .export.onnx import export_onnx
 
+    batch = batch or resolve_field("export", "batch").default
+    atol = atol or resolve_field("export", "parity_atol").default
     loaded = load_any(model, latent_size)
     card = deployment_card(loaded, *resolved_sampling(loaded, steps, guidance))
     info = export_onnx(loaded.model, loaded.adapter, out, batch=batch, atol=atol, card=card)
@@ -279,35 +334,42 @@ def export(model: str, out: Path, batch: int, atol: float, precisions: tuple[str
 @click.option("--labels", help="Comma-separated class labels (class-conditional artifacts).")
 @click.option("-n", "--num", type=int, default=20, show_default=True, help="Samples when --labels is not given.")
 @click.option("--conditions", type=click.Path(path_type=Path), help=".npz of condition arrays (text families).")
-@click.option("--steps", type=int, help="Sampling steps (default: the card's).")
-@click.option("--guidance", type=float, help="Classifier-free guidance scale (default: the card's).")
+@click.option("--sampling-steps", "steps", type=click.IntRange(min=1), help="Sampling steps [default: the card's].")
+@click.option("--guidance", type=click.FloatRange(min=1.0),
+              help="Classifier-free guidance scale [default: the card's].")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads.")
-@click.option("--reference", help="A PyTorch model or checkpoint to sample with the same noise; prints PSNR.")
+@click.option("--reference", metavar="MODEL",
+              help="A PyTorch model or compressed checkpoint (e.g. the one ARTIFACT was exported from) sampled "
+                   "through PyTorch with the same noise, conditions, steps and guidance; prints the PSNR of "
+                   "ARTIFACT's samples against it (100 dB: identical).")
 @_errors
 def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: Path | None, steps: int | None,
-           guidance: float | None, seed: int, threads: int | None, reference: str | None) -> None:
-    """Generate samples from an exported ARTIFACT (.onnx + card) through ONNX Runtime alone."""
+           guidance: float | None, seed: int, reference: str | None) -> None:
+    """Generate samples from an exported ARTIFACT (.onnx + card) through ONNX Runtime alone.
+
+    The grid labels each image with its class label (or condition index)."""
     from .export.sample import sample_artifact
 
-    result = sample_artifact(artifact, out, labels, num, conditions, steps, guidance, seed, threads, reference)
+    result = sample_artifact(artifact, out, labels, num, conditions, steps, guidance, seed, reference=reference)
     click.echo(f"wrote {out} ({result['num']} samples, {result['steps']} steps, guidance {result['guidance']:g}, "
                f"{result['seconds']:.1f} s)")
     if "psnr_db_vs_reference" in result:
-        click.echo(f"PSNR vs the PyTorch path (same noise): {result['psnr_db_vs_reference']:.2f} dB "
-                   f"(max abs difference {result['max_abs_diff_vs_reference']:.3g})")
+        click.echo(f"PSNR vs the PyTorch path ({reference}; same noise, conditions, steps and guidance): "
+                   f"{result['psnr_db_vs_reference']:.2f} dB (max abs difference "
+                   f"{result['max_abs_diff_vs_reference']:.3g})")
 
 
 @main.command()
 @click.argument("dense")
 @click.argument("compressed", required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Folder for graphs and tables.")
-@click.option("--batch", "batches", default="1,16", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--threads", "threads", default="1,2", show_default=True, help="Comma-separated CPU thread counts.")
+@click.option("--batches", "batches", default="1,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--thread-counts", "threads", default="1,2", show_default=True,
+              help="Comma-separated CPU thread counts, each timed (the global --threads does not apply).")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
               default=("fp16", "int8-dynamic"), show_default=True, help="ONNX variants to time besides fp32.")
 @click.option("--repeats", type=int, default=20, show_default=True)
-@click.option("--latent-size", type=int, help="Latent height/width if the config has none (Flux).")
+@config_option("--latent-size", section="model", path="latent_size")
 @_errors
 def bench(dense: str, compressed: str | None, out: Path, batches: str, threads: str, precisions: tuple[str, ...],
           repeats: int, latent_size: int | None) -> None:
@@ -315,7 +377,7 @@ def bench(dense: str, compressed: str | None, out: Path, batches: str, threads: 
     from .evaluate.bench import run_bench
 
     models = {"dense": dense, **({"compressed": compressed} if compressed else {})}
-    run_bench(models, out, _ints(batches, "--batch"), _ints(threads, "--threads"), list(precisions),
+    run_bench(models, out, _ints(batches, "--batches"), _ints(threads, "--thread-counts"), list(precisions),
                        repeats, latent_size)
     click.echo((out / "bench.md").read_text())
 
@@ -346,33 +408,68 @@ def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path) -> None:
 @main.command()
 @click.argument("report", type=click.Path(path_type=Path))
 @click.option("--gate", "gate_file", type=click.Path(path_type=Path),
-              help="YAML recipe or gate list to check instead of the report's own gate.")
+              help="YAML gate file (a `gate:` list) or recipe whose gate to check instead of the report's own.")
 @_errors
 def check(report: Path, gate_file: Path | None) -> None:
-    """Re-check the quality gate of REPORT (report.json); exit 1 if it is violated."""
-    import yaml
-
-    from .core.recipe import GateRule
+    """Re-check the quality gate of REPORT (report.json); exit 1 if it is violated, 2 if REPORT or the
+    gate file cannot be read."""
     from .errors import RecipeError
     from .evaluate.gate import check_gate
 
-    try:
-        data = json.loads(report.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RecipeError(f"cannot read report {report}: {e}") from None
+    data = _read_json(report, "report")
     if gate_file is not None:
-        raw = yaml.safe_load(gate_file.read_text())
-        rules = raw.get("gate", []) if isinstance(raw, dict) else raw
+        rules = _gate_rules(_read_yaml(gate_file, "gate file"), gate_file)
     else:
-        rules = data.get("recipe", {}).get("gate", [])
+        rules = _gate_rules(data.get("recipe", {}).get("gate") or [], report)
     if not rules:
         raise RecipeError(f"{report}: no gate rules (add a `gate:` section or pass --gate)")
-    try:
-        rules = [GateRule.model_validate(r).model_dump() for r in rules]
-    except Exception as e:
-        raise RecipeError(f"gate: invalid rule ({str(e).splitlines()[0]})") from None
     data["gate"] = check_gate(data, rules)
     sys.exit(_print_gate(data))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    from .errors import RecipeError
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecipeError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: not a {what} (expected a JSON object)")
+    return data
+
+
+def _read_yaml(path: Path, what: str):
+    import yaml
+
+    from .errors import RecipeError
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read {what} {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def _gate_rules(raw, where: Path) -> list[dict]:
+    """Validated gate rules from a gate list, a mapping with `gate:`, or a recipe."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from .core.recipe import GateRule, describe_errors
+    from .errors import RecipeError
+
+    rules = raw.get("gate") if isinstance(raw, dict) else raw
+    if not isinstance(rules, list):
+        raise RecipeError(f"{where}: expected a `gate:` list of rules like `- {{metric: quality.fd_ratio, max: 2}}`")
+    try:
+        return [r.model_dump() for r in TypeAdapter(list[GateRule]).validate_python(rules)]
+    except ValidationError as e:
+        raise RecipeError("\n".join(describe_errors(e, f"{where}: gate", GateRule))) from None
 
 
 @main.command("zoo-train")
@@ -450,8 +547,9 @@ def torch_labels(num_classes: int, n: int):
 @click.option("--use", "active", help="The adapter that runs (required when several are loaded).")
 @click.option("--labels", help="Comma-separated task class labels [default: 0,1,...].")
 @click.option("-n", "--num", type=int, default=10, show_default=True)
-@click.option("--steps", type=int, help="Sampling steps (default: the model card's).")
-@click.option("--guidance", type=float, help="Guidance scale (default: the model card's).")
+@click.option("--sampling-steps", "steps", type=click.IntRange(min=1),
+              help="Sampling steps [default: the model card's].")
+@click.option("--guidance", type=click.FloatRange(min=1.0), help="Guidance scale [default: the model card's].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Image grid (.png).")
 @_errors
@@ -484,12 +582,12 @@ def adapter_sample(source: str, folders: tuple[Path, ...], active: str | None, l
 @click.option("--bake-steps", type=int,
               help="TD-LoRA: merge the update per timestep of an N-step schedule (one graph per step) "
                    "instead of keeping the low-rank path in one graph.")
-@click.option("--atol", type=float, default=1e-4, show_default=True)
+@config_option("--atol", section="export", path="parity_atol", help="Parity limit (max abs error).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output .onnx path, or a folder with --bake-steps.")
 @_errors
-def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, bake_steps: int | None, atol: float,
-                   out: Path) -> None:
+def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, bake_steps: int | None,
+                   atol: float | None, out: Path) -> None:
     """Export SOURCE with an adapter to ONNX, with the parity check."""
     from .adapters.export import export_baked
     from .adapters.serve import with_adapters
@@ -500,6 +598,7 @@ def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, b
     from .export.artifact import deployment_card
     from .export.onnx import export_onnx
 
+    atol = atol or resolve_field("export", "parity_atol").default
     loaded = with_adapters(load_any(source), list(folders), active)
     card = deployment_card(loaded, *resolved_sampling(loaded, bake_steps, None))
     if bake_steps:
@@ -585,7 +684,8 @@ def codec_encode(codec_dir: Path, image: Path, out: Path) -> None:
 @codec.command("decode")
 @click.argument("codec_dir", type=click.Path(path_type=Path))
 @click.argument("file", type=click.Path(path_type=Path, exists=True))
-@click.option("--steps", type=int, default=1, show_default=True, help="DiT steps (the method is one).")
+@click.option("--sampling-steps", "steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="DiT steps (the method is one).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Decoded image (.png).")
 @_errors
 def codec_decode(codec_dir: Path, file: Path, steps: int, out: Path) -> None:

@@ -293,7 +293,7 @@ def test_cli_trains_samples_and_exports_task_adapters(tmp_path):
     res = run.invoke(main_cli(), ["adapter", "sample", "zoo:digits-dit", *loads, "-o", str(tmp_path / "s.png")])
     assert res.exit_code == 2 and "choose one with --use" in res.output
     res = run.invoke(main_cli(), ["adapter", "sample", "zoo:digits-dit", *loads, "--use", "photos",
-                                  "--steps", "2", "-n", "3", "-o", str(tmp_path / "s.png")])
+                                  "--sampling-steps", "2", "-n", "3", "-o", str(tmp_path / "s.png")])
     assert res.exit_code == 0, res.output
     res = run.invoke(main_cli(), ["adapter", "export", "zoo:digits-dit", *loads, "--use", "faces",
                                   "--bake-steps", "2", "-o", str(tmp_path / "baked")])

@@ -203,13 +203,13 @@ def test_clear_covering_the_grid_is_the_teacher(family):
                               teacher.adapter.denoise(teacher.model, x, t, cond), atol=1e-5)
 
 
-def test_ditc_distill_attention_cli(tmp_path):
+def test_ditc_attention_cli(tmp_path):
     from click.testing import CliRunner
 
     from dit_compress.cli import main
 
     save_tiny("dit", tmp_path / "teacher")
-    res = CliRunner().invoke(main, ["distill", str(tmp_path / "teacher"), "--attention", "clear", "--radius", "2",
+    res = CliRunner().invoke(main, ["attention", str(tmp_path / "teacher"), "--method", "clear", "--radius", "2",
                                     "--steps", "2", "-o", str(tmp_path / "out"), *TINY_RUN])
     assert res.exit_code in (0, 1), res.output
     assert "## Local attention (clear)" in (tmp_path / "out" / "report.md").read_text()

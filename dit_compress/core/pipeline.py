@@ -133,13 +133,21 @@ def _resume_key(recipe: Recipe, i: int) -> str:
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None = None, calib=None,
-               evaluator: Evaluator | None = None) -> dict | None:
+               evaluator: Evaluator | None = None, reuse_report: bool = True) -> dict | None:
     """Run `recipe`, writing everything under `out_dir`; returns the report (with gate result),
     or None in a process other than the main one of a distributed launch.
 
     A caller comparing several recipes on one teacher (benchmarks) may pass the loaded teacher,
-    its calibration set and an evaluator, so that all runs share data and teacher samples."""
+    its calibration set and an evaluator, so that all runs share data and teacher samples.
+    A finished run of the same recipe (its report and checkpoint in `out_dir`) is not exported and
+    evaluated again unless `reuse_report` is False; its gate is re-applied."""
     state, meter = process_state(), PhaseMeter()
+    finished = _finished_report(recipe, Path(out_dir)) if reuse_report else None
+    if finished is not None:
+        log.info("%s: finished run of this recipe (hash %s); reusing its report (--redo-eval evaluates again)",
+                 out_dir, recipe.hash)
+        finished["gate"] = check_gate(finished, [r.model_dump() for r in recipe.gate]) if recipe.gate else None
+        return finished if state.is_main_process else None
     t_start = time.time()
     with meter("load teacher"):
         teacher = teacher or load_teacher(recipe.model.model_dump())  # fails before anything is written
@@ -166,6 +174,21 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None 
         shutil.copytree(folder, published[label])
     return export_and_report(recipe, teacher, student, calib, summaries, ckpt, out, t_start, published, evaluator,
                              meter)
+
+
+def _finished_report(recipe: Recipe, out: Path) -> dict | None:
+    """The report of a finished run of `recipe` in `out`, or None (none, another recipe, unreadable,
+    or its checkpoint gone)."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    from .manifest import WEIGHTS
+
+    ckpt = out / "checkpoint"
+    if report.get("recipe_hash") != recipe.hash or not (ckpt / MANIFEST).is_file() or not (ckpt / WEIGHTS).is_file():
+        return None
+    return report
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> dict:
@@ -211,7 +234,7 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
             log.info("exporting %s to ONNX (dynamo) with parity check", name)
             export_info, onnx_path = to_onnx(model, name)
         with meter("evaluation"):
-            quality, pictures = ev.quality(model)
+            quality, pictures = ev.quality(model, name)
         with meter("cost (latency, memory)"):
             cost = ev.cost(model, onnx_path, teacher_onnx, str(checkpoint))
         return quality, pictures, cost, export_info, onnx_path
@@ -248,7 +271,7 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
     return report
 
 
-def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int, lr: float,
+def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int = 300, lr: float = 2e-4,
                        feature_weight: float = 0.0) -> Path:
     """More recovery for an existing compressed checkpoint, against the teacher it came from."""
     checkpoint, out = Path(checkpoint), Path(out)

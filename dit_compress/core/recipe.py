@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..data.calibration import CalibrationSpec
 from ..errors import RecipeError
-from .stage import StageConfig, format_validation_error, get_stage, parse_stage_config
+from .stage import StageConfig, get_stage
 
 
 class _Strict(BaseModel):
@@ -129,37 +130,149 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+def _field_names(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at `loc` (a pydantic error location) inside `cls`, for "did you mean"."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            break
+        nested = [a for a in (field.annotation, *get_args(field.annotation))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested += [b for a in get_args(field.annotation) for b in get_args(a)
+                   if isinstance(b, type) and issubclass(b, BaseModel)]  # list[Model] | None
+        if not nested:
+            break
+        cls = nested[0]
+    return list(cls.model_fields)
+
+
+def did_you_mean(word: str, choices) -> str:
+    """'; did you mean `x`?' for the closest of `choices`, or ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def describe_errors(e: ValidationError, where: str, cls: type[BaseModel], skip=frozenset()) -> list[str]:
+    """One line per pydantic error: the recipe location, what is wrong, and for unknown keys the
+    closest allowed name. `skip`: (location, error type) pairs already reported otherwise."""
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        if (".".join(map(str, loc)), err["type"]) in skip:
+            continue
+        path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        sep = " " if where.endswith(":") else "" if path.startswith("[") else "."
+        field = f"{where}{sep}{path}" if path else where.rstrip(":")
+        if err["type"] == "extra_forbidden":
+            allowed = _field_names(cls, loc[:-1])
+            lines.append(f"{field}: unknown key{did_you_mean(loc[-1], allowed)} "
+                         f"(allowed: {', '.join(allowed)})")
+        elif err["type"] == "value_error" or not loc:  # a model's own consistency rule
+            lines.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+    return lines
+
+
+def check_model_source(spec: ModelSpec) -> list[str]:
+    """What `run` will find wrong with `model:` before loading weights: unknown zoo names, missing
+    folders or files, configs of unsupported classes. Hub ids are not looked up (offline)."""
+    from ..errors import DitcError
+    from ..models.families import adapter_for_class
+    from ..models.load import ZOO_PREFIX, resolve_source, zoo_names
+
+    where = "model.source"
+    if spec.source.startswith(ZOO_PREFIX) and spec.source[len(ZOO_PREFIX):] not in zoo_names():
+        name = spec.source[len(ZOO_PREFIX):]
+        return [f"{where}: unknown zoo model {name!r}{did_you_mean(name, zoo_names())} "
+                f"(available: {', '.join(zoo_names())})"]
+    source, subfolder, _ = resolve_source(spec.source, spec.subfolder)
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            return [f"{where}: file not found: {path}"]
+        if spec.config is None:
+            return [f"{where}: a bare .safetensors file needs `model.config` naming its config.json"]
+        config = Path(spec.config)
+    elif path.exists():
+        config = path / (subfolder or "") / "config.json"
+    elif len(spec.source.split("/")) == 2 and not spec.source.startswith((".", "/", "~")):
+        return []  # a hub id: read when the run starts
+    else:
+        return [f"{where}: not found: {spec.source!r} (expected zoo:NAME, a folder, a hub id org/name, "
+                "or a .safetensors file)"]
+    try:
+        class_name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"{where}: cannot read the model config {config}: {e}"]
+    try:
+        adapter_for_class(class_name)
+    except DitcError as e:
+        return [f"{where}: {e}"]
+    return []
+
+
+def parse_recipe(data: Any, where: str = "recipe", check_source: bool = False) -> Recipe:
+    """Validate a recipe mapping. Every problem is collected and raised together, one per line;
+    `check_source` also checks `model.source` as `run` will (without loading weights)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level")
+    errors: list[str] = []
     raw_stages = data.get("stages")
-    if not isinstance(raw_stages, list) or not raw_stages:
-        raise RecipeError(f"{where}: stages: give a non-empty list like `- prune: {{ratio: 0.5}}`")
     stages = []
+    if not isinstance(raw_stages, list) or not raw_stages:
+        errors.append(f"{where}: stages: give a non-empty list like `- prune: {{ratio: 0.5}}`")
+        raw_stages = []
     for i, item in enumerate(raw_stages):
         if not isinstance(item, dict) or len(item) != 1:
-            raise RecipeError(f"{where}: stages[{i}]: each stage is a one-key mapping `- NAME: {{config}}`")
-        (name, cfg), = item.items()
-        stages.append(StageSpec(name=name, config=parse_stage_config(name, cfg, f"{where}: stages[{i}].{name}")))
-    for i, spec in enumerate(stages):
-        recover = getattr(spec.config, "recover", None)
-        if recover is None or recover.trainable != ["td_lora"]:
+            errors.append(f"{where}: stages[{i}]: each stage is a one-key mapping `- NAME: {{config}}`")
             continue
-        field = f"{where}: stages[{i}].{spec.name}.recover.trainable: td_lora"
-        if get_stage(spec.name).recovery(spec.config) is None:
-            raise RecipeError(f"{field}: {spec.name} trains new weights inside its method, which a TD-LoRA on "
-                              "frozen weights cannot; td_lora recovers depth and width pruning")
-        if i < len(stages) - 1:
-            raise RecipeError(f"{field}: the adapter stays on the model, so it must be the last stage's recovery")
+        (name, cfg), = item.items()
+        try:
+            cls = get_stage(name).config_cls
+        except RecipeError:
+            from .stage import STAGES
+
+            errors.append(f"{where}: stages[{i}]: unknown stage {name!r}{did_you_mean(name, STAGES)} "
+                          f"(available: {', '.join(sorted(STAGES))})")
+            continue
+        try:
+            stages.append(StageSpec(name=name, config=cls.model_validate(cfg or {})))
+        except ValidationError as e:
+            errors += describe_errors(e, f"{where}: stages[{i}].{name}", cls)
+    if not errors:
+        for i, spec in enumerate(stages):
+            recover = getattr(spec.config, "recover", None)
+            if recover is None or recover.trainable != ["td_lora"]:
+                continue
+            field = f"{where}: stages[{i}].{spec.name}.recover.trainable: td_lora"
+            if get_stage(spec.name).recovery(spec.config) is None:
+                raise RecipeError(f"{field}: {spec.name} trains new weights inside its method, which a TD-LoRA on "
+                                  "frozen weights cannot; td_lora recovers depth and width pruning")
+            if i < len(stages) - 1:
+                raise RecipeError(f"{field}: the adapter stays on the model, so it must be the last stage's recovery")
     if "model" not in data:
-        raise RecipeError(f"{where}: model: missing (add `model: {{source: zoo:digits-dit}}`)")
+        errors.append(f"{where}: model: missing (add `model: {{source: zoo:digits-dit}}`)")
+    # The other sections, validated whatever the stages' state (a placeholder stands in for them).
+    placeholder = [StageSpec.model_construct(name="-", config=StageConfig())]
+    recipe = None
     try:
-        return Recipe.model_validate({**data, "stages": stages})
+        recipe = Recipe.model_validate({**data, "stages": stages if len(stages) == len(raw_stages) and stages
+                                        else placeholder})
     except ValidationError as e:
-        raise RecipeError(format_validation_error(e, f"{where}:")) from None
+        errors += describe_errors(e, f"{where}:", Recipe, skip={("model", "missing")})
+    if check_source and isinstance(data.get("model"), dict) and isinstance(data["model"].get("source"), str):
+        errors += [f"{where}: {line}" for line in check_model_source(ModelSpec.model_construct(
+            source=data["model"]["source"], subfolder=data["model"].get("subfolder"),
+            config=data["model"].get("config")))]
+    if errors:
+        raise RecipeError("\n".join(errors))
+    return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_source: bool = False) -> Recipe:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -167,4 +280,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"recipe not found: {path}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_recipe(apply_overrides(data or {}, overrides or []), str(path))
+    return parse_recipe(apply_overrides(data or {}, overrides or []), str(path), check_source)

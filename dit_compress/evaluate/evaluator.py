@@ -44,19 +44,20 @@ class Evaluator:
         noise = torch.randn(n, *adapter.latent_shape(), generator=g)
         return cond, noise
 
-    def _samples(self, model: LoadedModel, seed: int, n: int, guidance: float) -> torch.Tensor:
+    def _samples(self, model: LoadedModel, seed: int, n: int, guidance: float, who: str) -> torch.Tensor:
         cond, noise = self.inputs(seed, n)
         return sample_batched(model.model, model.adapter, self.schedule, cond, noise, self.steps, guidance,
-                              desc=f"sampling (seed {seed}, guidance {guidance:g})")
+                              desc=f"sampling {who} (seed {seed}, guidance {guidance:g})")
 
     def _teacher_samples(self, seed: int, n: int, guidance: float) -> torch.Tensor:
         key = (seed, n, guidance)
         if key not in self._teacher_cache:
-            self._teacher_cache[key] = self._samples(self.teacher, seed, n, guidance)
+            self._teacher_cache[key] = self._samples(self.teacher, seed, n, guidance, "teacher")
         return self._teacher_cache[key]
 
-    def quality(self, student: LoadedModel) -> tuple[dict, dict]:
-        """Teacher-relative metrics, and absolute ones when the card names a classifier."""
+    def quality(self, student: LoadedModel, name: str = "student") -> tuple[dict, dict]:
+        """Teacher-relative metrics, and absolute ones when the card names a classifier; `name`
+        (student, a variant's label) labels the progress bars."""
         s = self.spec
         log.info("evaluating quality: denoiser error, %d-step samples (guidance %.1f)", self.steps, self.guidance)
         q: dict = {"sampling_steps": self.steps, "guidance_scale": self.guidance}
@@ -66,17 +67,17 @@ class Evaluator:
         seed0 = s.seeds[0]
         n = s.num_samples if self.classifier else s.compare_samples
         t_img = self._teacher_samples(seed0, n, self.guidance)
-        s_img = self._samples(student, seed0, n, self.guidance)
+        s_img = self._samples(student, seed0, n, self.guidance, name)
         k = min(s.compare_samples, n)
         q["psnr_db"], q["ssim"] = (round(v, 4) for v in metrics.psnr_ssim(t_img[:k], s_img[:k]))
         q["outputs_finite"] = bool(torch.isfinite(s_img).all())
         pictures = {"teacher": t_img, "student": s_img,
                     "labels": self.inputs(seed0, n)[0].get("class_labels")}
         if self.classifier is not None:
-            q.update(self._absolute(student, {seed0: (t_img, s_img)}))
+            q.update(self._absolute(student, {seed0: (t_img, s_img)}, name))
         return q, pictures
 
-    def _absolute(self, student: LoadedModel, first: dict) -> dict:
+    def _absolute(self, student: LoadedModel, first: dict, name: str) -> dict:
         from ..data.digits import load_digits_split
 
         s = self.spec
@@ -87,7 +88,7 @@ class Evaluator:
         for seed in s.seeds:
             cond, _ = self.inputs(seed, s.num_samples)
             t_img, s_img = first.get(seed) or (self._teacher_samples(seed, s.num_samples, self.guidance),
-                                                self._samples(student, seed, s.num_samples, self.guidance))
+                                                self._samples(student, seed, s.num_samples, self.guidance, name))
             for who, img in (("teacher", t_img), ("student", s_img)):
                 pred, feats = metrics.classify(self.classifier, img)
                 acc[who].append((pred == cond["class_labels"]).float().mean().item())
@@ -96,7 +97,7 @@ class Evaluator:
         unguided = {}
         for who, m in (("teacher", self.teacher), ("student", student)):
             img = (self._teacher_samples(s.seeds[0], s.num_samples, 1.0) if who == "teacher"
-                   else self._samples(m, s.seeds[0], s.num_samples, 1.0))
+                   else self._samples(m, s.seeds[0], s.num_samples, 1.0, name))
             unguided[who] = (metrics.classify(self.classifier, img)[0] == cond["class_labels"]).float().mean().item()
         fd_t, fd_s = np.array(fd["teacher"]), np.array(fd["student"])
         g_t, g_s = float(np.mean(acc["teacher"])), float(np.mean(acc["student"]))

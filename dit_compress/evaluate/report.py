@@ -17,7 +17,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def save_grid(path: Path, teacher: torch.Tensor, student: torch.Tensor, labels: torch.Tensor | None,
               columns: int = 10, rows: int = 2) -> None:
-    """Pairs of rows: teacher samples above the student's from the same noise and condition."""
+    """Pairs of rows: teacher samples above the student's from the same noise and condition, each
+    pair titled by row and labelled with its class beneath."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +26,7 @@ def save_grid(path: Path, teacher: torch.Tensor, student: torch.Tensor, labels: 
 
     n = min(columns * rows, teacher.shape[0])
     order = torch.argsort(labels[:n], stable=True) if labels is not None else torch.arange(n)
-    fig, axes = plt.subplots(2 * rows, columns, figsize=(columns * 0.9, 2 * rows * 1.0))
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(columns * 0.9, 2 * rows * 1.1), squeeze=False)
     for r in range(rows):
         for c in range(columns):
             i = r * columns + c
@@ -35,9 +36,13 @@ def save_grid(path: Path, teacher: torch.Tensor, student: torch.Tensor, labels: 
                 if i < n:
                     img = imgs[order[i]].clamp(-1, 1).add(1).div(2)
                     ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+                    if k == 1 and labels is not None:  # the pair's class, under the student image
+                        ax.text(0.5, -0.06, f"class {int(labels[order[i]])}", transform=ax.transAxes,
+                                ha="center", va="top", fontsize=6)
                 if c == 0:
                     ax.set_title(who, fontsize=7, loc="left")
-    fig.suptitle("same noise and label: teacher (upper) vs student (lower row of each pair)", fontsize=8)
+    condition = "label" if labels is not None else "condition"
+    fig.suptitle(f"same noise and {condition}: teacher (upper) vs student (lower row of each pair)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,7 +39,7 @@ def judge_deployment(spec, student_onnx: Path, ev: Evaluator, calib: Calibration
             log.warning("%s skipped: %s", kind, e)
             continue
         artifact = load_artifact(info["path"])
-        quality, _ = ev.quality(artifact)
+        quality, _ = ev.quality(artifact, f"student {kind}")
         fp32_paired, latency = cost.paired_onnx_latency(student_onnx, info["path"], adapter, batch, repeats)
         out[kind] = {"export": info, "quality": quality, "onnx_latency": latency, "fp32_paired_latency": fp32_paired,
                      "latency_ratio_vs_fp32": round(latency["median_ms"] / fp32_paired["median_ms"], 4),

@@ -8,6 +8,7 @@ batch size different from the traced one, so a baked-in batch dimension fails to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def ort_session(path, threads: int | None = None, providers: list[str] | None = 
 
     quiet_ort()
     opts = ort.SessionOptions()
+    threads = threads or int(os.environ.get("DITC_THREADS") or 0)  # `ditc --threads`
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])

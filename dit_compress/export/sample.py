@@ -44,19 +44,25 @@ def artifact_conditions(adapter, labels: str | None, num: int, conditions: Path 
     return {"class_labels": torch.tensor(ids)}
 
 
-def save_image_grid(images: torch.Tensor, path: Path, columns: int = 10) -> None:
-    """Pixel-space samples in [-1, 1] as one PNG grid."""
-    from PIL import Image
+def save_image_grid(images: torch.Tensor, path: Path, columns: int = 10, labels: list[str] | None = None,
+                    scale: int = 4) -> None:
+    """Pixel-space samples in [-1, 1] as one PNG grid, each image's label (its class) beneath it."""
+    from PIL import Image, ImageDraw, ImageFont
 
     n, c, h, w = images.shape
-    rows = -(-n // columns)
-    grid = np.zeros((rows * h, min(n, columns) * w, c), dtype=np.uint8)
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    font = ImageFont.load_default(size=10) if labels else None
+    cell_w, cell_h = w * scale, h * scale + (14 if labels else 0)
+    grid = Image.new("L" if c == 1 else "RGB", (min(n, columns) * cell_w, -(-n // columns) * cell_h))
+    draw = ImageDraw.Draw(grid)
     for i in range(n):
         r, col = divmod(i, columns)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = pixels[i]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).resize((grid.shape[1] * 4, grid.shape[0] * 4),
-                                                               Image.NEAREST).save(path)
+        tile = Image.fromarray(pixels[i][..., 0] if c == 1 else pixels[i]).resize((cell_w, h * scale), Image.NEAREST)
+        grid.paste(tile, (col * cell_w, r * cell_h))
+        if labels:
+            x = col * cell_w + (cell_w - draw.textlength(labels[i], font=font)) / 2
+            draw.text((x, r * cell_h + h * scale + 1), labels[i], fill=255 if c == 1 else (255, 255, 255), font=font)
+    grid.save(path)
 
 
 def sample_artifact(artifact: Path, out: Path, labels: str | None = None, num: int = 20,
@@ -71,17 +77,21 @@ def sample_artifact(artifact: Path, out: Path, labels: str | None = None, num: i
     noise = torch.randn(n, *loaded.adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
     schedule = NoiseSchedule(loaded.scheduler_config)
     start = time.time()
-    images = sample_batched(loaded.model, loaded.adapter, schedule, cond, noise, steps, guidance, desc="sampling")
+    images = sample_batched(loaded.model, loaded.adapter, schedule, cond, noise, steps, guidance,
+                            desc=f"sampling {Path(artifact).name}")
     result = {"num": n, "steps": steps, "guidance": guidance, "seconds": time.time() - start}
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), images.numpy())
     if card.get("pixel_space"):
-        save_image_grid(images, out)
+        labels = cond.get("class_labels")
+        save_image_grid(images, out, labels=[str(int(v)) for v in labels] if labels is not None
+                        else [f"#{i}" for i in range(n)])  # --conditions: the row of the .npz arrays
     if reference is not None:
         from ..core.manifest import load_any
 
         ref = load_any(reference)
-        ref_images = sample_batched(ref.model, ref.adapter, schedule, cond, noise, steps, guidance)
+        ref_images = sample_batched(ref.model, ref.adapter, schedule, cond, noise, steps, guidance,
+                                    desc=f"sampling {reference} (PyTorch reference)")
         result["psnr_db_vs_reference"] = psnr_ssim(ref_images, images)[0]  # capped at 100 dB
         result["max_abs_diff_vs_reference"] = float((ref_images - images).abs().max())
     return result
