@@ -2,9 +2,16 @@
 
 The FFN's hidden neurons are partitioned: a shared expert (always runs) and equally sized
 routed experts, of which a linear router picks `top_k` per token. Only the chosen experts
-run: tokens are scattered into per-expert slabs, pushed through the experts' slices of the
-up/down projections in one batched matmul, gathered back and weighted — no dense evaluation
-under a mask, in PyTorch and in the exported ONNX graph alike (TopK / ScatterElements / Gather).
+run, on two execution paths that compute the same function:
+
+- the reference (`_forward_reference`): tokens scattered into per-expert slabs padded to the
+  busiest expert's load, one batched matmul, gathered back — no dense evaluation under a mask,
+  in PyTorch and in the exported ONNX graph alike (TopK / ScatterElements / Gather). It runs on
+  the CPU, in fp32, under autocast and in every export.
+- the grouped path (`_forward_grouped`), taken for CUDA bf16 on Hopper or newer: (token, choice)
+  pairs sorted by expert, each expert's rows multiplied by its own weights in one grouped GEMM
+  (`torch.nn.functional.grouped_mm`) with the group offsets left on the device, so nothing waits
+  for the host; the shared expert and the router share one GEMM over the tokens.
 
 Gates are top_k * softmax over the chosen logits, so with similar logits every chosen
 expert gets weight ~1 and the sum of all experts reproduces the dense FFN exactly.
@@ -17,9 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _grouped_gemm(x: torch.Tensor) -> bool:
-    """Grouped GEMMs for CUDA bf16 inference on Hopper or newer, the setting they were measured in."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and hasattr(F, "grouped_mm")
+def takes_grouped_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Grouped GEMMs where torch runs them as one CUTLASS kernel: CUDA bf16 on Hopper or newer (on
+    older GPUs torch loops over the groups with a host sync), with 16-byte aligned rows."""
+    return (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            and x.shape[-1] % 8 == 0 and weight.shape[-1] % 8 == 0
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
@@ -32,7 +41,7 @@ class MoEFeedForward(nn.Module):
         self.top_k, self.approximate = top_k, approximate
         self.shared_up = nn.Linear(dim, shared)
         self.shared_down = nn.Linear(shared, dim)  # carries the dense FFN's output bias
-        # Stored (in, out) per expert, ready for a batched matmul without transposes in the graph.
+        # Stored (in, out) per expert: the layout of both the batched and the grouped matmul.
         self.up_weight = nn.Parameter(torch.zeros(experts, dim, expert_size))
         self.up_bias = nn.Parameter(torch.zeros(experts, 1, expert_size))
         self.down_weight = nn.Parameter(torch.zeros(experts, expert_size, dim))
@@ -48,36 +57,66 @@ class MoEFeedForward(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, chosen expert ids, gates) for tokens x (N, dim)."""
         logits = self.router(x)
+        return (logits, *self._choose(logits))
+
+    def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top, idx = logits.topk(self.top_k, dim=-1)
-        return logits, idx, self.top_k * top.softmax(dim=-1)
+        return idx, self.top_k * top.softmax(dim=-1)
+
+    def _keep_statistics(self, logits: torch.Tensor, idx: torch.Tensor) -> None:
+        if self.track:  # counts by comparison: bincount would wait for the GPU to learn its size
+            self.last_probs = logits.softmax(dim=-1)
+            self.last_counts = (idx.reshape(-1, 1) == torch.arange(self.num_experts, device=idx.device)).sum(0)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        path = self._forward_grouped if takes_grouped_path(x, self.up_weight) else self._forward_reference
+        return path(x).reshape(shape)
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared_down(F.gelu(self.shared_up(x), approximate=self.approximate))
         logits, idx, gates = self.route(x)
-        if self.track:
-            self.last_probs = logits.softmax(dim=-1)
-            self.last_counts = torch.bincount(idx.flatten(), minlength=self.num_experts)
-        out = out + (self._experts_grouped if _grouped_gemm(x) else self._experts)(x, idx, gates)
-        return out.reshape(shape)
+        self._keep_statistics(logits, idx)
+        return out + self._experts(x, idx, gates)
+
+    def _forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        shared_h, logits = self._shared_up_and_logits(x)
+        idx, gates = self._choose(logits)
+        self._keep_statistics(logits, idx)
+        out = self.shared_down(F.gelu(shared_h, approximate=self.approximate))
+        return out + self._experts_grouped(x, idx, gates)
+
+    def _shared_up_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared expert's up-projection and the router's logits from one GEMM over the tokens,
+        its width padded to a multiple of 8 (the router alone, 7 columns wide, took a slow unaligned
+        kernel on an H200)."""
+        shared, experts = self.shared_up.out_features, self.num_experts
+        pad = -(shared + experts) % 8
+        weight = torch.cat([self.shared_up.weight, self.router.weight, x.new_zeros(pad, x.shape[-1])])
+        bias = torch.cat([self.shared_up.bias, self.router.bias, x.new_zeros(pad)])
+        both = F.linear(x, weight, bias)
+        return both[:, :shared], both[:, shared:shared + experts]
 
     def _experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """`_experts` as two grouped GEMMs (CUDA bf16 inference): (token, choice) pairs sorted by
-        expert, each expert's rows multiplied by its own weights, with the group offsets left on the
-        device. No padding, and no host sync for the busiest expert's load, which stalled the GPU
-        once per layer (SD3-medium at 4 096 tokens ran 2.7x slower than dense with the padded slabs).
-        The rows go back to token order by `index_copy_`: an `index_add_` into the tokens instead
-        measured 0.20 ms per call on an H200 (bf16 atomics), more than both grouped GEMMs."""
+        """`_experts` as two grouped GEMMs over the (token, choice) pairs sorted by expert.
+
+        Pairs are numbered choice-major (j * tokens + t), so that putting the rows back is one
+        Gather and the sum over choices a reduction over the leading axis (reducing the middle
+        axis of a token-major layout, and an index_add_ combination with bf16 atomics, each
+        measured slower on an H200). Expert ids are sorted as bytes (one radix pass), the group
+        ends are counted by comparison (no bincount, which syncs), and the gate scales the hidden
+        activations before the down-projection (half the width of its output)."""
         tokens, experts = x.shape[0], self.num_experts
-        e = idx.reshape(-1)
-        order = e.argsort(stable=True)
-        offsets = torch.bincount(e, minlength=experts).cumsum(0).to(torch.int32)
-        rows = x.index_select(0, order // self.top_k)
-        h = F.grouped_mm(rows, self.up_weight, offs=offsets) + self.up_bias[e[order], 0]
-        y = F.grouped_mm(F.gelu(h, approximate=self.approximate), self.down_weight, offs=offsets)
-        y = torch.empty_like(y).index_copy_(0, order, y)  # back to token-major pair order
-        return (y * gates.reshape(-1, 1).to(y.dtype)).view(tokens, self.top_k, -1).sum(1)
+        pairs = idx.t().reshape(-1)
+        keys, order = pairs.to(torch.uint8 if experts <= 256 else torch.int32).sort(stable=True)
+        ends = (pairs.unsqueeze(1) <= torch.arange(experts, device=x.device)).sum(0, dtype=torch.int32)
+        rows = x.index_select(0, order % tokens)
+        h = F.grouped_mm(rows, self.up_weight, offs=ends) + self.up_bias[:, 0].index_select(0, keys.int())
+        gate = gates.t().reshape(-1).index_select(0, order).unsqueeze(1).to(h.dtype)
+        y = F.grouped_mm(F.gelu(h, approximate=self.approximate) * gate, self.down_weight, offs=ends)
+        slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        return y.index_select(0, slot).view(self.top_k, tokens, -1).sum(0)
 
     def _experts(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Sum over each token's chosen experts of gate * expert(token), all experts in one batched matmul.
