@@ -26,10 +26,11 @@ import torch.nn.functional as F
 
 def takes_grouped_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Grouped GEMMs where torch runs them as one CUTLASS kernel: CUDA bf16 on Hopper or newer (on
-    older GPUs torch loops over the groups with a host sync), with 16-byte aligned rows."""
+    older GPUs torch loops over the groups with a host sync), with 16-byte aligned rows. Device
+    properties, not capability: torch.compile folds them to a constant instead of breaking the graph."""
     return (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
             and x.shape[-1] % 8 == 0 and weight.shape[-1] % 8 == 0
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+            and torch.cuda.get_device_properties(x.device).major >= 9)
 
 
 class MoEFeedForward(nn.Module):
