@@ -320,8 +320,8 @@ def write_table(out: Path, r: dict) -> str:
     P = r.get("parity")
     if isinstance(P, dict) and "layer_grouped_vs_reference" in P:
         lines += ["## Parity of the grouped path (max |a - b| / max |b|)", ""]
-        lines += [f"- {k}: {v:.2e}" if isinstance(v, float) else f"- {k}: {v}" for k, v in P.items()
-                  if not isinstance(v, dict)]
+        lines += [f"- {k}: {v:.4f}" if k.startswith("routing") else f"- {k}: {v:.2e}" if isinstance(v, float)
+                  else f"- {k}: {v}" for k, v in P.items() if not isinstance(v, dict)]
         if isinstance(P.get("gradients_grouped_vs_fp32"), dict):
             lines.append(f"- gradients, grouped ({e['dtype']}) vs reference (fp32): " + ", ".join(
                 f"{k} {v:.2e}" for k, v in P["gradients_grouped_vs_fp32"].items()))
