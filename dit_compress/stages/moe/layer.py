@@ -109,9 +109,10 @@ class MoEFeedForward(nn.Module):
         ends are counted by comparison (no bincount, which syncs), and the gate scales the hidden
         activations before the down-projection (half the width of its output)."""
         tokens, experts = x.shape[0], self.num_experts
-        pairs = idx.t().reshape(-1)
-        keys, order = pairs.to(torch.uint8 if experts <= 256 else torch.int32).sort(stable=True)
-        ends = (pairs.unsqueeze(1) <= torch.arange(experts, device=x.device)).sum(0, dtype=torch.int32)
+        keys = idx.t().to(torch.uint8 if experts <= 256 else torch.int32, memory_format=torch.contiguous_format)
+        keys = keys.view(-1)  # expert of each pair, choice-major
+        ends = (keys.unsqueeze(1) <= torch.arange(experts, device=x.device, dtype=keys.dtype)).sum(0, dtype=torch.int32)
+        keys, order = keys.sort(stable=True)
         rows = x.index_select(0, order % tokens)
         h = F.grouped_mm(rows, self.up_weight, offs=ends) + self.up_bias[:, 0].index_select(0, keys.int())
         gate = gates.t().reshape(-1).index_select(0, order).unsqueeze(1).to(h.dtype)
