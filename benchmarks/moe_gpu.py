@@ -2,14 +2,16 @@
 
   layer    one FFN at SD3-medium's width (1536 -> 6144) over 8 192 tokens, bf16: dense vs the MoE
            (shared expert + top-2 of 7 routed: 62.5 % fewer activated FFN parameters, random router)
-           on its reference path (padded slabs, what the CPU and ONNX run) and on its grouped path,
-           vs a dense FFN of the MoE's activated width (its FLOP bound); eager, then torch.compile
+           on its reference path (padded slabs, what the CPU and ONNX run) and on its grouped path
+           (with its elementwise steps fused, the default on CUDA, and as eager launches), vs a dense
+           FFN of the MoE's activated width (its FLOP bound); eager, then the whole call compiled
   parity   on the GPU: the grouped path against the reference (bf16) and against fp32, for one
            routing, for the whole layer (routing included) and for the gradients
   profile  the grouped path's top CUDA kernels
   model    SD3-medium's config (random weights) at 1024 px (128x128 latent, 4 096 image tokens),
            batch 2, every FFN converted (image and context, random routers): dense vs MoE on the
-           grouped path vs MoE on the reference path; eager, then torch.compile while --budget-s allows
+           grouped path (fused / eager elementwise) vs MoE on the reference path; eager, then
+           torch.compile while --budget-s allows
 
 Times come from CUDA events around `inner` back-to-back calls after warm-up, variants taken in
 turn, the median over rounds; every ratio is between rows of the same run. The JSON and the
@@ -85,6 +87,24 @@ class Bench:
 
 
 @contextlib.contextmanager
+def eager_elementwise():
+    """The grouped path with its elementwise steps as separate eager launches (no torch.compile)."""
+    flag = moe_layer.FUSE_ON_CUDA
+    moe_layer.FUSE_ON_CUDA = False
+    try:
+        yield
+    finally:
+        moe_layer.FUSE_ON_CUDA = flag
+
+
+def _unfused(fn):
+    def call():
+        with eager_elementwise():
+            return fn()
+    return call
+
+
+@contextlib.contextmanager
 def reference_path():
     """Every MoE layer on its reference path (padded slabs), whatever the device."""
     chooser = moe_layer.takes_grouped_path
@@ -121,7 +141,8 @@ def layer(width: int, tokens: int, bench: Bench, result: dict) -> None:
     dense, moe, narrow, activated = build_layer(width, bench)
     x = torch.randn(tokens, width, device=bench.device, dtype=bench.dtype)
     fns = {"dense": lambda: dense(x), "moe_reference": lambda: moe._forward_reference(x),
-           "moe_grouped": lambda: moe._forward_grouped(x), "activated_width": lambda: narrow(x)}
+           "moe_grouped": lambda: moe._forward_grouped(x),
+           "moe_grouped_unfused": _unfused(lambda: moe._forward_grouped(x)), "activated_width": lambda: narrow(x)}
     ms = bench.times(fns)
     moe.track = True
     moe(x)
@@ -252,7 +273,7 @@ def model(config: dict, latent: int, batch: int, text_tokens: int, bench: Bench,
             return adapter.denoise(moe, *inputs)
 
     fns = {"dense": lambda: adapter.denoise(dense, *inputs), "moe_grouped": lambda: adapter.denoise(moe, *inputs),
-           "moe_reference": reference}
+           "moe_grouped_unfused": _unfused(lambda: adapter.denoise(moe, *inputs)), "moe_reference": reference}
     grouped, ref = fns["moe_grouped"](), reference()
     ms = bench.times(fns, inner=2)
     ffn = [m for m in moe.modules() if isinstance(m, MoEFeedForward)]
@@ -303,7 +324,8 @@ def write_table(out: Path, r: dict) -> str:
                   f"{L['forward_takes_grouped_path']}.", "",
                   "| variant | eager ms | vs dense | compiled ms | vs dense |", "|---|---|---|---|---|"]
         names = {"dense": "dense FFN", "moe_reference": "MoE, reference path (padded slabs)",
-                 "moe_grouped": "MoE, grouped path", "activated_width": f"dense FFN of width {L['activated_hidden']}"}
+                 "moe_grouped": "MoE, grouped path", "moe_grouped_unfused": "MoE, grouped path, eager elementwise",
+                 "activated_width": f"dense FFN of width {L['activated_hidden']}"}
         for k, name in names.items():
             c = L.get("compiled_ms", {}).get(k)
             lines.append(f"| {name} | {L['eager_ms'][k]:.3f} | {L['eager_vs_dense'][k]:.3f} | "
@@ -320,6 +342,7 @@ def write_table(out: Path, r: dict) -> str:
                   f"path here: {M['forward_takes_grouped_path']}.", "",
                   "| variant | eager ms | vs dense | compiled ms | vs dense |", "|---|---|---|---|---|"]
         for k, name in (("dense", "dense"), ("moe_grouped", "MoE, grouped path"),
+                        ("moe_grouped_unfused", "MoE, grouped path, eager elementwise"),
                         ("moe_reference", "MoE, reference path")):
             c = M.get("compiled_ms", {}).get(k)
             lines.append(f"| {name} | {M['eager_ms'][k]:.2f} | {M['eager_vs_dense'][k]:.3f} | "

@@ -117,7 +117,8 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert p["experts_grouped_vs_reference"] < 1e-5 and p["layer_grouped_vs_reference"] < 1e-5
     assert p["routing_agreement_fused_vs_router"] == 1.0
     assert max(p["gradients_vs_fp32"]["grouped"].values()) < 1e-5
-    assert set(r["layer"]["eager_vs_dense"]) == {"dense", "moe_reference", "moe_grouped", "activated_width"}
+    assert set(r["layer"]["eager_vs_dense"]) == {"dense", "moe_reference", "moe_grouped", "moe_grouped_unfused",
+                                                 "activated_width"}
     assert r["model"]["converted_ffns"] == 3 and r["model"]["finite"]  # 2 image FFNs + 1 context FFN
     table = (tmp_path / "moe-gpu.md").read_text()
     assert "| MoE, grouped path |" in table and "whole model, MoE / dense, eager:" in table

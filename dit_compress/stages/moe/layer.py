@@ -11,7 +11,9 @@ run, on two execution paths that compute the same function:
 - the grouped path (`_forward_grouped`), taken for CUDA bf16 on Hopper or newer: (token, choice)
   pairs sorted by expert, each expert's rows multiplied by its own weights in one grouped GEMM
   (`torch.nn.functional.grouped_mm`) with the group offsets left on the device, so nothing waits
-  for the host; the shared expert and the router share one GEMM over the tokens.
+  for the host; the shared expert and the router share one GEMM over the tokens, and the steps
+  between the GEMMs (bias, GELU, gate; putting rows back and summing over choices) each run as
+  one compiled kernel (`FUSE_ON_CUDA`). It trains too (grouped_mm has a backward).
 
 Gates are top_k * softmax over the chosen logits, so with similar logits every chosen
 expert gets weight ~1 and the sum of all experts reproduces the dense FFN exactly.
@@ -19,9 +21,14 @@ expert gets weight ~1 and the sum of all experts reproduces the dense FFN exactl
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+FUSE_ON_CUDA = True  # the grouped path's elementwise steps compiled into single kernels (torch.compile)
+_fused: dict = {}
 
 
 def takes_grouped_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -31,6 +38,39 @@ def takes_grouped_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
             and x.shape[-1] % 8 == 0 and weight.shape[-1] % 8 == 0
             and torch.cuda.get_device_properties(x.device).major >= 9)
+
+
+def _hidden_epilogue(h: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor, gates: torch.Tensor,
+                     order: torch.Tensor, approximate: str) -> torch.Tensor:
+    """gelu(h + the row's expert bias) * the row's gate, rows in expert order."""
+    gate = gates.t().reshape(-1).index_select(0, order).unsqueeze(1).to(h.dtype)
+    return F.gelu(h + bias.index_select(0, keys.int()), approximate=approximate) * gate
+
+
+def _combine(y: torch.Tensor, slot: torch.Tensor, top_k: int, shared: torch.Tensor | None) -> torch.Tensor:
+    """Each token's chosen experts' rows summed (slots choice-major), plus the shared expert's output."""
+    out = y.index_select(0, slot).view(top_k, -1, y.shape[-1]).sum(0)
+    return out if shared is None else shared + out
+
+
+def _run_fused(fn, *args):
+    """`fn(*args)`, on CUDA compiled once (dynamic shapes) into one kernel in place of the several
+    eager PyTorch launches for it (in the H200 profile of the first grouped path, gpu-checks.md,
+    such gathers, elementwise steps and the sum over choices took longer than both grouped GEMMs).
+    Inside a caller's own torch.compile, and where compiling fails (warned once), it runs eagerly."""
+    if not (FUSE_ON_CUDA and args[0].is_cuda) or torch.compiler.is_compiling():
+        return fn(*args)
+    compiled = _fused.get(fn)
+    if compiled is None:
+        compiled = _fused[fn] = torch.compile(fn, dynamic=True)
+    if compiled is fn:
+        return fn(*args)
+    try:
+        return compiled(*args)
+    except Exception as e:  # noqa: BLE001  a missing compiler toolchain must not stop the model
+        warnings.warn(f"MoE: compiling {fn.__name__} failed ({type(e).__name__}: {e}); running it eagerly")
+        _fused[fn] = fn
+        return fn(*args)
 
 
 class MoEFeedForward(nn.Module):
@@ -85,8 +125,7 @@ class MoEFeedForward(nn.Module):
         shared_h, logits = self._shared_up_and_logits(x)
         idx, gates = self._choose(logits)
         self._keep_statistics(logits, idx)
-        out = self.shared_down(F.gelu(shared_h, approximate=self.approximate))
-        return out + self._experts_grouped(x, idx, gates)
+        return self._experts_grouped(x, idx, gates, self.shared_down(F.gelu(shared_h, approximate=self.approximate)))
 
     def _shared_up_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared expert's up-projection and the router's logits from one GEMM over the tokens,
@@ -99,8 +138,10 @@ class MoEFeedForward(nn.Module):
         both = F.linear(x, weight, bias)
         return both[:, :shared], both[:, shared:shared + experts]
 
-    def _experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """`_experts` as two grouped GEMMs over the (token, choice) pairs sorted by expert.
+    def _experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
+                         shared: torch.Tensor | None = None) -> torch.Tensor:
+        """`_experts` (plus `shared`, the shared expert's output, where given) as two grouped GEMMs
+        over the (token, choice) pairs sorted by expert.
 
         Pairs are numbered choice-major (j * tokens + t), so that putting the rows back is one
         Gather and the sum over choices a reduction over the leading axis (reducing the middle
@@ -113,12 +154,11 @@ class MoEFeedForward(nn.Module):
         keys = keys.view(-1)  # expert of each pair, choice-major
         ends = (keys.unsqueeze(1) <= torch.arange(experts, device=x.device, dtype=keys.dtype)).sum(0, dtype=torch.int32)
         keys, order = keys.sort(stable=True)
-        rows = x.index_select(0, order % tokens)
-        h = F.grouped_mm(rows, self.up_weight, offs=ends) + self.up_bias[:, 0].index_select(0, keys.int())
-        gate = gates.t().reshape(-1).index_select(0, order).unsqueeze(1).to(h.dtype)
-        y = F.grouped_mm(F.gelu(h, approximate=self.approximate) * gate, self.down_weight, offs=ends)
+        h = F.grouped_mm(x.index_select(0, order % tokens), self.up_weight, offs=ends)
+        h = _run_fused(_hidden_epilogue, h, self.up_bias[:, 0], keys, gates, order, self.approximate)
+        y = F.grouped_mm(h, self.down_weight, offs=ends)
         slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        return y.index_select(0, slot).view(self.top_k, tokens, -1).sum(0)
+        return _run_fused(_combine, y, slot, self.top_k, shared)
 
     def _experts(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Sum over each token's chosen experts of gate * expert(token), all experts in one batched matmul.
