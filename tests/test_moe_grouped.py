@@ -121,4 +121,4 @@ def test_gpu_benchmark_smoke(tmp_path):
                                                  "activated_width"}
     assert r["model"]["converted_ffns"] == 3 and r["model"]["finite"]  # 2 image FFNs + 1 context FFN
     table = (tmp_path / "moe-gpu.md").read_text()
-    assert "| MoE, grouped path |" in table and "whole model, MoE / dense, eager:" in table
+    assert "| MoE, grouped path, eager elementwise (default) |" in table and "whole model, MoE / dense, eager:" in table

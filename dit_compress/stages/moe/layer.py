@@ -12,8 +12,10 @@ run, on two execution paths that compute the same function:
   pairs sorted by expert, each expert's rows multiplied by its own weights in one grouped GEMM
   (`torch.nn.functional.grouped_mm`) with the group offsets left on the device, so nothing waits
   for the host; the shared expert and the router share one GEMM over the tokens, and the steps
-  between the GEMMs (bias, GELU, gate; putting rows back and summing over choices) each run as
-  one compiled kernel (`FUSE_ON_CUDA`). It trains too (grouped_mm has a backward).
+  between the GEMMs (bias, GELU, gate; putting rows back and summing over choices) run eagerly
+  by default: compiled into single kernels (`FUSE_ON_CUDA = True`) they measured slower on the
+  H200 (FFN 1.149 vs 0.929 ms, SD3-medium 82.2 vs 72.7 ms; benchmarks/results/moe-gpu.md).
+  It trains too (grouped_mm has a backward).
 
 Gates are top_k * softmax over the chosen logits, so with similar logits every chosen
 expert gets weight ~1 and the sum of all experts reproduces the dense FFN exactly.
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FUSE_ON_CUDA = True  # the grouped path's elementwise steps compiled into single kernels (torch.compile)
+FUSE_ON_CUDA = False  # True: the grouped path's elementwise steps compiled into single kernels (measured slower)
 _fused: dict = {}
 
 
