@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core.stage import StageConfig
+from ..config import StrictConfig
 from ..data.calibration import Batch, CalibrationSet
 from ..errors import DistillationDiverged
 from ..models.families import FamilyAdapter
@@ -38,7 +38,7 @@ TD_LORA = "td_lora"
 RECOVERY_ADAPTER = "recovery"  # the name of the TD-LoRA adapter that recovery trains
 
 
-class DistillConfig(StageConfig):
+class DistillConfig(StrictConfig):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0, le=1)
