@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..data.digits import NUM_CLASSES, load_digits_split
 from ..models.classifier import DigitClassifier
-from ..sampling import DEFAULT_SCHEDULER, NoiseSchedule, sample_batched
+from ..models.load import DEFAULT_SCHEDULER
+from ..sampling import NoiseSchedule, sample_batched
 
 # The bundled teachers: one per family that later stages must cover.
 TEACHERS = {
