@@ -8,10 +8,10 @@ Layers, lowest first; a module imports its own layer and those below it, never a
     models      families, loading, the label conditioner, the digits classifier
     sampling    the noise schedule and the sampling loop
     data        teacher calibration, digits, adaptation tasks
+    probes      activation capture and the probes that training and several stages share
     export      ONNX graphs, their cards, deployment precisions
     adapters    TD-LoRA, DiffScaler, their store, export and serving
     train       distillation, fine-tuning, zoo teachers, the learning-rate schedule
-    probes      activation capture and the probes several stages share
     contract    core: the stage contract and registry, the manifest (save, restore), recipes,
                 phase records, process roles
     evaluate    measures models and exported graphs, judges deployments, writes reports
@@ -19,7 +19,7 @@ Layers, lowest first; a module imports its own layer and those below it, never a
     pipeline    core.pipeline: calibration -> stages (through the registry) -> training ->
                 export -> evaluation
     stages      the compression methods, built on the contract, training and probes
-    cli         the command line
+    cli         the command line and its options
 
 An import is any `import` statement anywhere in a module, in a function too: a lazy import
 delays loading but is still a dependency of the design. Imports under `if TYPE_CHECKING:` are
@@ -43,16 +43,16 @@ LAYERS = [
     ("models", [f"{PACKAGE}.models"]),
     ("sampling", [f"{PACKAGE}.sampling"]),
     ("data", [f"{PACKAGE}.data"]),
+    ("probes", [f"{PACKAGE}.probes"]),
     ("export", [f"{PACKAGE}.export"]),
     ("adapters", [f"{PACKAGE}.adapters"]),
     ("train", [f"{PACKAGE}.train"]),
-    ("probes", [f"{PACKAGE}.probes"]),
     ("contract", [f"{PACKAGE}.core"]),
     ("evaluate", [f"{PACKAGE}.evaluate"]),
     ("codec", [f"{PACKAGE}.codec"]),
     ("pipeline", [f"{PACKAGE}.core.pipeline"]),
     ("stages", [f"{PACKAGE}.stages"]),
-    ("cli", [f"{PACKAGE}.cli"]),
+    ("cli", [f"{PACKAGE}.cli", f"{PACKAGE}.cli_options"]),
 ]
 
 
