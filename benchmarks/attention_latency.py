@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from _provenance import stamp, with_header
 
-from dit_compress.evaluate.cost import alternating_latency
+from dit_compress.timing import alternating_latency
 from dit_compress.export.onnx import ort_session
 from dit_compress.stages.attention.lit import LiTProcessor
 from dit_compress.stages.attention.local import CLEARProcessor

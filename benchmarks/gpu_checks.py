@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from _provenance import stamp, with_header
 
-from dit_compress.evaluate.cost import alternating_latency
+from dit_compress.timing import alternating_latency
 
 sys.path.insert(0, str(Path(__file__).parent))  # sibling benchmarks: full_size_export, moe_latency
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from _provenance import stamp, with_header
 
-from dit_compress.evaluate.cost import paired_latency
+from dit_compress.timing import paired_latency
 from dit_compress.export.onnx import ort_session
 from dit_compress.stages.moe.convert import build_moe, replace_module_
 

@@ -348,7 +348,7 @@ def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: 
     """Generate samples from an exported ARTIFACT (.onnx + card) through ONNX Runtime alone.
 
     The grid labels each image with its class label (or condition index)."""
-    from .export.sample import sample_artifact
+    from .evaluate.sample import sample_artifact
 
     result = sample_artifact(artifact, out, labels, num, conditions, steps, guidance, seed, reference=reference)
     click.echo(f"wrote {out} ({result['num']} samples, {result['steps']} steps, guidance {result['guidance']:g}, "

@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 
 from .models.families import FamilyAdapter
-
-DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+from .models.load import DEFAULT_SCHEDULER
 
 
 class NoiseSchedule:

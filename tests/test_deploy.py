@@ -175,7 +175,7 @@ def test_tensorrt_engine_matches_onnx_runtime(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from dit_compress.export.artifact import OnnxAdapter
-    from dit_compress.export.judge import tensorrt_section
+    from dit_compress.evaluate.judge import tensorrt_section
 
     _, path = _export("dit", tmp_path)
     info = tensorrt_section(path, OnnxAdapter(json.loads(card_path(path).read_text())), batch=4, repeats=10)

@@ -23,7 +23,7 @@ from ..evaluate.evaluator import Evaluator
 from ..evaluate.gate import check_gate
 from ..evaluate.report import save_curves, save_grid, write_json, write_markdown
 from ..export.artifact import deployment_card
-from ..export.judge import judge_deployment
+from ..evaluate.judge import judge_deployment
 from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
 from ..train.distill import TD_LORA, DistillConfig, Distiller

@@ -9,25 +9,22 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from ..config import StrictConfig
 from ..data.calibration import CalibrationSpec
 from ..errors import RecipeError
-from .stage import StageConfig, get_stage
+from .stage import get_stage
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Strict):
+class ModelSpec(StrictConfig):
     source: str = Field(description="zoo:NAME, a diffusers folder, a hub id, or a .safetensors file")
     subfolder: str | None = None
     config: str | None = Field(None, description="config.json for a bare .safetensors file")
     latent_size: int | None = Field(None, ge=2, description="latent height/width if not in the config")
 
 
-class EvaluationSpec(_Strict):
+class EvaluationSpec(StrictConfig):
     num_samples: int = Field(500, ge=10, description="samples per seed for class and Fréchet metrics")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     compare_samples: int = Field(100, ge=1, description="student-vs-teacher samples for PSNR/SSIM")
@@ -40,7 +37,7 @@ class EvaluationSpec(_Strict):
     memory_batch: int = Field(256, ge=1, description="batch of the peak-memory forward pass")
 
 
-class GateRule(_Strict):
+class GateRule(StrictConfig):
     metric: str = Field(description="dotted path into report.json, e.g. quality.fd_ratio")
     max: float | None = None
     min: float | None = None
@@ -52,7 +49,7 @@ class GateRule(_Strict):
         return self
 
 
-class ExportSpec(_Strict):
+class ExportSpec(StrictConfig):
     onnx: bool = True
     batch: int = Field(2, ge=2, description="example batch used for tracing (>= 2: torch.export specialises "
                                             "a batch of 1 into the graph)")
@@ -72,12 +69,12 @@ class ExportSpec(_Strict):
         return self
 
 
-class StageSpec(_Strict):
+class StageSpec(StrictConfig):
     name: str
-    config: StageConfig
+    config: StrictConfig
 
 
-class Recipe(_Strict):
+class Recipe(StrictConfig):
     name: str
     description: str = ""
     model: ModelSpec
@@ -256,7 +253,7 @@ def parse_recipe(data: Any, where: str = "recipe", check_source: bool = False) -
     if "model" not in data:
         errors.append(f"{where}: model: missing (add `model: {{source: zoo:digits-dit}}`)")
     # The other sections, validated whatever the stages' state (a placeholder stands in for them).
-    placeholder = [StageSpec.model_construct(name="-", config=StageConfig())]
+    placeholder = [StageSpec.model_construct(name="-", config=StrictConfig())]
     recipe = None
     try:
         recipe = Recipe.model_validate({**data, "stages": stages if len(stages) == len(raw_stages) and stages

@@ -8,20 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict
 
+from ..config import StrictConfig
 from ..errors import RecipeError
 
 if TYPE_CHECKING:
     from ..data.calibration import CalibrationSet
     from ..models.families import FamilyAdapter
     from ..models.load import LoadedModel
-
-
-class StageConfig(BaseModel):
-    """Base of every stage config: unknown keys are errors, defaults are the paper's values."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -42,18 +36,18 @@ class Stage(ABC):
     `restore` can rebuild the same architecture on a fresh base model without data."""
 
     name: ClassVar[str]
-    config_cls: ClassVar[type[StageConfig]]
+    config_cls: ClassVar[type[StrictConfig]]
 
     @abstractmethod
-    def apply(self, model: nn.Module, config: StageConfig, ctx: StageContext) -> tuple[nn.Module, dict]:
+    def apply(self, model: nn.Module, config: StrictConfig, ctx: StageContext) -> tuple[nn.Module, dict]:
         """Transform `model` (a copy of the teacher or of the previous stage's output)."""
 
     @abstractmethod
-    def restore(self, model: nn.Module, config: StageConfig, metadata: dict,
+    def restore(self, model: nn.Module, config: StrictConfig, metadata: dict,
                 adapter: "FamilyAdapter") -> nn.Module:
         """Replay the transformation recorded in `metadata`; weights are loaded afterwards."""
 
-    def recovery(self, config: StageConfig):
+    def recovery(self, config: StrictConfig):
         """The DistillConfig the pipeline recovers with after `apply` (None: no generic recovery)."""
         return getattr(config, "recover", None)
 
@@ -92,7 +86,7 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]()
 
 
-def parse_stage_config(name: str, raw: Any, where: str) -> StageConfig:
+def parse_stage_config(name: str, raw: Any, where: str) -> StrictConfig:
     """Validate a stage's config mapping; errors name the field and the recipe location."""
     from pydantic import ValidationError
 

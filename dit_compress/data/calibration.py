@@ -19,14 +19,14 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core.stage import StageConfig
+from ..config import StrictConfig
 from ..models.load import LoadedModel
 from ..sampling import NoiseSchedule, sample_batched
 
 COND_PREFIX, NULL_PREFIX = "cond.", "null."
 
 
-class CalibrationSpec(StageConfig):
+class CalibrationSpec(StrictConfig):
     num_samples: int = Field(256, ge=8, description="teacher samples in the pool")
     sampling_steps: int | None = Field(None, ge=1, description="default: the model card's, else 16")
     guidance_scale: float | None = Field(None, ge=1.0, description="default: the model card's, else 1")

@@ -21,6 +21,7 @@ from ..errors import DeploymentUnsupported
 from ..export.artifact import deployment_card
 from ..export.deploy import derive
 from ..export.onnx import export_onnx, ort_feeds, ort_session
+from ..timing import time_calls
 from . import cost
 
 log = logging.getLogger("dit_compress")
@@ -71,12 +72,12 @@ def _gpu_rows(models: dict, graphs: dict, batches: list[int], repeats: int) -> l
                         loaded.adapter.denoise(model, *args)
                     torch.cuda.synchronize()
                 rows.append({"model": name, "runtime": runtime, "batch": batch, "threads": None,
-                             **cost.time_calls(call, repeats)})
+                             **time_calls(call, repeats)})
             feeds = ort_feeds(x, t, cond)
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 sess = ort_session(graphs[name]["onnx-fp32"], providers=["CUDAExecutionProvider"])
                 rows.append({"model": name, "runtime": "cuda-onnx-fp32", "batch": batch, "threads": None,
-                             **cost.time_calls(lambda: sess.run(None, feeds), repeats)})
+                             **time_calls(lambda: sess.run(None, feeds), repeats)})
             if unavailable_reason() is None:
                 src = graphs[name]["onnx-fp32"]
                 spec = EngineSpec(opt_batch=batch, max_batch=max(batches))

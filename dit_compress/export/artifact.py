@@ -18,12 +18,9 @@ import torch
 from ..errors import CheckpointError
 from ..models.families import FamilyAdapter
 from ..models.load import LoadedModel
+from .onnx import card_path, ort_session
 
 CARD_VERSION = 1
-
-
-def card_path(onnx_path: str | Path) -> Path:
-    return Path(onnx_path).with_suffix(".json")
 
 
 def null_spec(adapter: FamilyAdapter, cond: dict[str, torch.Tensor]) -> dict:
@@ -63,8 +60,6 @@ class OnnxDenoiser:
     """An ONNX Runtime session with the denoiser's call: (sample, timestep, conditions) -> prediction."""
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
-        from .onnx import ort_session
-
         self.path = Path(path)
         self.session = ort_session(self.path, threads, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..data.calibration import CalibrationSet
 from ..errors import DeploymentUnsupported, ExportParityError
-from .artifact import OnnxAdapter, card_path
-from .onnx import ort_feeds, ort_session, quiet_ort
+from .artifact import OnnxAdapter
+from .onnx import card_path, ort_feeds, ort_session, quiet_ort
 from .precision import fold, to_bf16, to_fp16
 from .quantize import quantize_int8
 

@@ -19,9 +19,13 @@ import torch.nn as nn
 
 from ..errors import ExportParityError
 from ..models.families import FamilyAdapter
-from .artifact import card_path
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin
+
+
+def card_path(onnx_path: str | Path) -> Path:
+    """Where a graph's card lives: `NAME.json` beside `NAME.onnx`."""
+    return Path(onnx_path).with_suffix(".json")
 
 
 class DenoiserGraph(nn.Module):

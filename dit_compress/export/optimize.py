@@ -13,8 +13,8 @@ from pathlib import Path
 
 import onnx
 
-from ..evaluate.cost import time_calls
 from ..models.families import JOINT_BLOCK, adapter_for_family
+from ..timing import time_calls
 from .precision import op_counts
 
 LEVELS = ("disabled", "basic", "extended", "all")

@@ -137,7 +137,7 @@ class Engine:
         return buffers[self.outputs[0]].float().cpu().numpy()
 
     def latency_ms(self, feeds: dict[str, np.ndarray], repeats: int = 50) -> dict:
-        from ..evaluate.cost import time_calls
+        from ..timing import time_calls
 
         self.bind(feeds)
         return time_calls(self.execute, repeats, warmup=5)

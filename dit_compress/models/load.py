@@ -9,9 +9,11 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..errors import CheckpointError
-from ..sampling import DEFAULT_SCHEDULER
 from .families import SUPPORTED_CLASSES, FamilyAdapter, adapter_for_class, get_adapter
 from .load_weights import load_weights_
+
+# A model that ships no scheduler is sampled as rectified flow.
+DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 ZOO_PREFIX = "zoo:"

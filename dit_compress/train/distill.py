@@ -26,19 +26,20 @@ from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core.stage import StageConfig
+from ..config import StrictConfig
 from ..data.calibration import Batch, CalibrationSet
 from ..errors import DistillationDiverged
 from ..models.families import FamilyAdapter
 from ..probes.capture import image_hidden
 from .memory import saved_activation_bytes, training_memory
+from .schedule import lr_factor
 
 
 TD_LORA = "td_lora"
 RECOVERY_ADAPTER = "recovery"  # the name of the TD-LoRA adapter that recovery trains
 
 
-class DistillConfig(StageConfig):
+class DistillConfig(StrictConfig):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0, le=1)
@@ -239,10 +240,7 @@ class Distiller:
 
     def _lr_factor(self, step: int) -> float:
         c = self.config
-        if step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
-        progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine to 10 %
+        return lr_factor(step, c.steps, c.warmup_steps, floor=0.1)  # cosine to 10 %
 
     def run(self) -> dict:
         from accelerate import Accelerator

@@ -23,6 +23,7 @@ from ..errors import AdapterError
 from ..models.families import FamilyAdapter
 from ..sampling import NoiseSchedule
 from .memory import saved_activation_bytes, training_memory
+from .schedule import lr_factor
 
 METHODS = ("full", "lora", "td_lora", "diffscaler")
 
@@ -112,9 +113,8 @@ def finetune(model: nn.Module, family: FamilyAdapter, schedule: NoiseSchedule, t
     t0 = time.time()
     for step in tqdm(range(config.steps), desc=f"{task.name} {config.method}", disable=not progress,
                      mininterval=2.0):
-        lr_scale = 0.5 * (1 + torch.cos(torch.tensor(step / config.steps * torch.pi))).item()
         for group in opt.param_groups:
-            group["lr"] = config.learning_rate * (0.1 + 0.9 * lr_scale)
+            group["lr"] = config.learning_rate * lr_factor(step, config.steps, floor=0.1)
         idx = torch.randint(0, len(task.train_images), (config.batch_size,), generator=g)
         x_t, t, cond, target = _noised(task.train_images[idx], task.train_labels[idx], schedule, g)
         peak, loss = saved_activation_bytes(model, lambda: task_loss(model, family, x_t, t, cond, target))

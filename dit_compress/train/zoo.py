@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,7 +20,9 @@ from tqdm.auto import tqdm
 
 from ..data.digits import NUM_CLASSES, load_digits_split
 from ..models.classifier import DigitClassifier
-from ..sampling import DEFAULT_SCHEDULER, NoiseSchedule, sample_batched
+from ..models.load import DEFAULT_SCHEDULER
+from ..sampling import NoiseSchedule, sample_batched
+from .schedule import cosine_decay, warmup
 
 # The bundled teachers: one per family that later stages must cover.
 TEACHERS = {
@@ -102,8 +103,8 @@ def train_teacher(out: Path, name: str = "digits-dit", steps: int = 6000, batch:
     modules.eval()
     ema = copy.deepcopy(modules).requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    # The warmup overlaps the cosine, which starts at step 0: the bundled teachers were trained so.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup(s, 200) * cosine_decay(s / steps))
     schedule = NoiseSchedule(DEFAULT_SCHEDULER)
     start, losses = time.time(), []
     bar = tqdm(range(steps), desc=name)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ...core.stage import StageConfig
+from ...config import StrictConfig
 from ...train.distill import DistillConfig
 
 
-class LiTConfig(StageConfig):
+class LiTConfig(StrictConfig):
     heads: int = Field(2, ge=1, description="heads of the linear attention (the paper: 2-4 suffice)")
     kernel: int = Field(5, ge=1, description="depthwise convolution kernel over the value map")
     inherit_projections: bool = Field(False, description=(
@@ -19,7 +19,7 @@ class LiTConfig(StageConfig):
     recover: DistillConfig = Field(default_factory=lambda: DistillConfig(steps=2000))
 
 
-class CLEARConfig(StageConfig):
+class CLEARConfig(StrictConfig):
     radius: int = Field(8, ge=2, description="image tokens attend to image tokens closer than this (grid units)")
     tile: int = Field(8, ge=1, description="query tile side of the neighbourhood computation (speed only)")
     blocks: list[int] | None = Field(None, description="block indices to convert (default: every block)")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from ...core.stage import StageConfig
+from ...config import StrictConfig
 from ...train.distill import DistillConfig
 
 
-class MoBConfig(StageConfig):
+class MoBConfig(StrictConfig):
     """Mixture of Blocks over the first block list: `active` of every `group_size` blocks run."""
 
     group_size: int = Field(4, ge=2)
@@ -23,7 +23,7 @@ class MoBConfig(StageConfig):
         return self
 
 
-class MoEConfig(StageConfig):
+class MoEConfig(StrictConfig):
     # The FFN's neurons are cut into `segments` equal parts: `shared_segments` form the shared
     # expert, every other part is one routed expert, and `top_k` of those run per token.
     # 8 / 1 / 2 activates 3 of 8 parts: 62.5 % fewer activated FFN parameters, as in the paper.

@@ -4,11 +4,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ...core.stage import StageConfig
+from ...config import StrictConfig
 from ...train.distill import DistillConfig
 
 
-class WidthConfig(StageConfig):
+class WidthConfig(StrictConfig):
     """Fractions of attention heads and FFN hidden channels to remove from every block."""
 
     heads: float = Field(0.0, ge=0.0, lt=1.0)
@@ -17,7 +17,7 @@ class WidthConfig(StageConfig):
         "taylor", description="l2: weight magnitude; taylor: |weight x gradient| of the task loss")
 
 
-class PruneConfig(StageConfig):
+class PruneConfig(StrictConfig):
     """Structured pruning of a DiT, recovered by distillation from the teacher.
 
     method:

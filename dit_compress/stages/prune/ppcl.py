@@ -36,6 +36,7 @@ from ...errors import RecipeError
 from ...models.families import FamilyAdapter
 from ...train.distill import Objective, normalised_mse
 from ...probes.redundancy import probe_r2
+from .depth import remove_blocks_
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,6 @@ class PluggableSupernet(nn.Module):
 
     def deploy(self, plan: list[Interval], adapter_for) -> tuple[nn.Module, list[int]]:
         """A standalone model for `plan`: replacements in place, the rest of each run removed."""
-        from .stage import remove_blocks_
-
         model = copy.deepcopy(self.model)
         located = [(g.attr, j) for g, j, _ in self.adapter.blocks(model)]
         for iv in plan:

@@ -15,6 +15,7 @@ from ...probes.boundaries import block_influence, boundary_states
 from ...probes.redundancy import analyse_states
 from ...train.distill import Distiller
 from .config import PruneConfig
+from .depth import remove_blocks_
 from .width import QKV, attention_modules, ffn_inputs, replay_width_, width_prune_
 
 log = logging.getLogger("dit_compress")
@@ -22,16 +23,6 @@ log = logging.getLogger("dit_compress")
 
 def _block_names(adapter: FamilyAdapter, model: nn.Module) -> list[str]:
     return [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
-
-
-def remove_blocks_(model: nn.Module, adapter: FamilyAdapter, removed: list[int]) -> None:
-    """Remove blocks by global index, group by group, keeping the config in step."""
-    offset = 0
-    for group in adapter.block_groups:
-        n = len(getattr(model, group.attr))
-        keep = [i for i in range(n) if i + offset not in removed]
-        adapter.remove_blocks_(model, group, keep)
-        offset += n
 
 
 def _protected(adapter: FamilyAdapter, model: nn.Module) -> set[int]:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..evaluate.metrics import psnr_ssim
+from ..export.artifact import load_artifact
 from ..sampling import NoiseSchedule, sample_batched
-from .artifact import load_artifact
+from .metrics import psnr_ssim
 
 
 def artifact_conditions(adapter, labels: str | None, num: int, conditions: Path | None) -> dict[str, torch.Tensor]:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from ..data.calibration import CalibrationSet
 from ..errors import DeploymentUnsupported
-from ..evaluate import cost
-from ..evaluate.evaluator import Evaluator
-from .artifact import OnnxAdapter, card_path, load_artifact
-from .deploy import derive
-from .onnx import ort_feeds, ort_session
+from ..export.artifact import OnnxAdapter, load_artifact
+from ..export.deploy import derive
+from ..export.onnx import card_path, ort_feeds, ort_session
+from . import cost
+from .evaluator import Evaluator
 
 log = logging.getLogger("dit_compress")
 
@@ -45,7 +45,7 @@ def judge_deployment(spec, student_onnx: Path, ev: Evaluator, calib: Calibration
                      "latency_ratio_vs_fp32": round(latency["median_ms"] / fp32_paired["median_ms"], 4),
                      "size_ratio_vs_fp32": round(info["bytes"] / student_onnx.stat().st_size, 4)}
     if spec.optimize:
-        from .optimize import optimization_report
+        from ..export.optimize import optimization_report
 
         log.info("ONNX Runtime graph optimisation levels and fusions")
         feeds = ort_feeds(*adapter.example_inputs(batch))
@@ -60,7 +60,7 @@ def tensorrt_section(onnx_path: Path, adapter: OnnxAdapter, batch: int, repeats:
     """Build an fp16 engine and compare it with ONNX Runtime's output, or say why not."""
     import numpy as np
 
-    from .tensorrt import Engine, EngineSpec, build_engine, unavailable_reason
+    from ..export.tensorrt import Engine, EngineSpec, build_engine, unavailable_reason
 
     reason = unavailable_reason()
     if reason:
