@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
 from ..models.families import FamilyAdapter
 from ..models.load import LoadedModel
 from .onnx import card_path, ort_session
@@ -117,6 +117,9 @@ class OnnxAdapter(FamilyAdapter):
 
     def denoise(self, model, x, t, cond):
         return model(x, t, cond)
+
+    def _embedding(self, model):
+        raise UnsupportedModelError("an exported graph has no module layout; surgery needs the PyTorch model")
 
 
 def load_artifact(onnx_path: str | Path, threads: int | None = None,
