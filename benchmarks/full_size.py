@@ -108,7 +108,7 @@ def main_process(args) -> dict:
     base = base_reference(teacher, recipe.model.model_dump())  # restore replays the stages on the teacher's config
     del teacher  # the rest is the student's
     with phase("save"):
-        records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
+        records = [StageRecord(s["name"], s["config"], s["plan"], s.get("attached")) for s in summaries]
         ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
                                {"summaries": summaries}, student.conditioner)
     x, t, cond = student.adapter.example_inputs(2)

@@ -39,10 +39,10 @@ def stages(args) -> dict[str, tuple[str, dict]]:
     moe = {"segments": 8, "shared_segments": 1, "top_k": 2}
     first = round(args.steps * 2 / 3)
     return {
-        "ppcl": ("prune", {"method": "ppcl", "ratio": 0.5, "recover": recover(args.steps)}),
-        "moe": ("moe", {**moe, "recover": recover(args.steps)}),
-        "moe-mob": ("moe", {**moe, "recover": recover(first),
-                            "mob": {"group_size": 2, "active": 1, "recover": recover(args.steps - first)}}),
+        "ppcl": [("prune", {"method": "ppcl", "ratio": 0.5, "recover": recover(args.steps)})],
+        "moe": [("moe", {**moe, "recover": recover(args.steps)})],
+        "moe-mob": [("moe", {**moe, "recover": recover(first)}),
+                    ("mob", {"group_size": 2, "active": 1, "recover": recover(args.steps - first)})],
     }
 
 
@@ -52,18 +52,16 @@ def run(args) -> dict:
     teacher = load_teacher({"source": args.teacher})
     teacher_params = sum(p.numel() for p in teacher.model.parameters())
     plan = stages(args)
-    base = parse_recipe(recipe_for("base", args.teacher, plan["ppcl"][1], args), "benchmark")
+    base = parse_recipe(recipe_for("base", args.teacher, plan["ppcl"][0][1], args), "benchmark")
     calib = build_calibration(teacher, base.calibration, out / ".work")
     evaluator = Evaluator(teacher, calib, base.evaluation)
     rows, t0 = [], time.time()
     for method in args.methods:
-        kind, stage = plan[method]
-        recipe = recipe_for(method, args.teacher, stage, args)
-        recipe["stages"] = [{kind: stage}]
+        recipe = recipe_for(method, args.teacher, plan[method][0][1], args)
+        recipe["stages"] = [{kind: stage} for kind, stage in plan[method]]
         r = run_recipe(parse_recipe(recipe, "benchmark"), out / method, teacher, calib, evaluator)
-        record = r["stages"][0]
-        meta = record["metadata"]
-        seconds = sum(v.get("seconds", 0) for v in (record.get("recovery"), meta.get("mob_training")) if v)
+        meta = r["stages"][-1]["summary"]  # the last stage's activation counts every stage's
+        seconds = sum(st["recovery"].get("seconds", 0) for st in r["stages"] if st.get("recovery"))
         item = row(method, 0.5, r, {"steps": args.steps, "seconds": round(seconds, 1)})
         activated = meta.get("activation", {}).get("activated_parameters")
         item["activated_ratio"] = round(activated / teacher_params, 4) if activated else item["param_ratio"]

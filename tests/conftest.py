@@ -62,7 +62,8 @@ TINY_RUN = ["--set", "evaluation.num_samples=10", "--set", "evaluation.compare_s
             "--set", "calibration.num_samples=16", "--set", "calibration.sampling_steps=2"]
 
 
-def check_round_trip(teacher, student, stage_name: str, cfg, meta: dict, tmp_path, batch: int = 2):
+def check_round_trip(teacher, student, stage_name: str, cfg, plan: dict, tmp_path, batch: int = 2,
+                     attached: dict | None = None):
     """A stage's student gives finite outputs, survives save -> restore unchanged and exports with
     ONNX parity <= 1e-4. Returns (its outputs, the inputs they came from)."""
     from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
@@ -74,7 +75,7 @@ def check_round_trip(teacher, student, stage_name: str, cfg, meta: dict, tmp_pat
         before = adapter.denoise(student, *inputs)
     assert torch.isfinite(before).all()
     folder = save_compressed(tmp_path / "ckpt", student, base_reference(teacher, {"source": "tiny"}),
-                             [StageRecord(stage_name, cfg.model_dump(), meta)], "h")
+                             [StageRecord(stage_name, cfg.model_dump(), plan, attached)], "h")
     restored = load_compressed(folder)
     with torch.no_grad():
         assert torch.equal(before, restored.adapter.denoise(restored.model, *inputs)), \

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import LATENT, tiny_model  # noqa: E402
 from dit_compress.core.processes import process_state  # noqa: E402
+from dit_compress.core.pipeline import apply_stage  # noqa: E402
 from dit_compress.core.stage import StageContext, get_stage  # noqa: E402
 from dit_compress.data.calibration import CalibrationSet  # noqa: E402
 from dit_compress.models.families import get_adapter  # noqa: E402
@@ -56,9 +57,9 @@ def main(out: Path) -> None:
     loaded = LoadedModel(sd3, get_adapter(sd3, LATENT), dict(DEFAULT_SCHEDULER), "tiny:sd3")
     stage = get_stage("prune")
     cfg = stage.config_cls(ratio=0.25, recover={"steps": 4, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0})
-    pruned, meta = stage.apply(copy.deepcopy(sd3), cfg,
-                               StageContext(loaded, calibration(loaded.adapter), out / "ppcl"))
-    results["ppcl"] = meta["training"]
+    pruned, _, summary = apply_stage(stage, cfg, copy.deepcopy(sd3),
+                                     StageContext(loaded, calibration(loaded.adapter), out / "ppcl"))
+    results["ppcl"] = summary["training"]["ppcl"]
     weights.update({f"ppcl.{k}": v for k, v in pruned.state_dict().items()})
 
     if state.is_main_process:

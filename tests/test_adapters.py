@@ -14,7 +14,6 @@ from conftest import check_round_trip
 from test_families import _loaded
 from dit_compress import adapters
 from dit_compress.adapters.td_lora import bake_timestep
-from dit_compress.core.manifest import ADAPTERS_KEY
 from dit_compress.errors import AdapterError, CheckpointError, RecipeError
 from dit_compress.export.onnx import export_onnx
 
@@ -234,8 +233,9 @@ def test_td_lora_recovery_trains_only_the_adapter_and_restores_from_the_manifest
         key = k if k in after else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         assert torch.equal(after[key], v), f"{k} changed"
     student.eval().requires_grad_(False)
-    meta = {"removed": [1, 2], ADAPTERS_KEY: describe(student)}
-    check_round_trip(teacher, student, "prune", PruneConfig(method="depth", remove=[1, 2]), meta, tmp_path)
+    plan = {"removed": [1, 2]}
+    check_round_trip(teacher, student, "prune", PruneConfig(method="depth", remove=[1, 2]), plan, tmp_path,
+                     attached=describe(student))
 
 
 def test_td_lora_recovery_only_where_it_fits():

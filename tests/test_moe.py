@@ -1,23 +1,17 @@
-"""Dense2MoE: exact expert initialisation, sparse execution, families, save/restore, export, balance."""
+"""Dense2MoE: exact expert initialisation, sparse execution, balance, the CLI; Mixture of Blocks routing
+(every family, save/restore and export: test_stage_matrix.py)."""
 
 from __future__ import annotations
 
-import copy
-
-import onnx
 import pytest
 import torch
 
-from conftest import TINY_RUN, check_round_trip, save_tiny
+from conftest import TINY_RUN, save_tiny
 from test_families import _loaded
-from dit_compress.core.stage import StageContext, get_stage
 from dit_compress.data.calibration import CalibrationSpec, build_calibration
 from dit_compress.errors import RecipeError, UnsupportedModelError
 from dit_compress.stages.moe.convert import balanced_groups, build_moe, dense_ffns, record_ffns, split_neurons
 from dit_compress.stages.moe.layer import MoEFeedForward
-from dit_compress.stages.moe.stage import moe_layers
-
-MOE_FAMILIES = ["dit", "pixart", "sd3", "flux"]
 
 
 def _split(family):
@@ -116,26 +110,6 @@ def test_balanced_groups_are_equal_and_cluster():
     assert sorted(tuple(x) for x in groups) == [tuple(range(0, 6)), tuple(range(6, 12)), tuple(range(12, 18))]
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_moe_stage_on_family(family, tmp_path):
-    teacher = _loaded(family)
-    calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
-    stage = get_stage("moe")
-    cfg = stage.config_cls(segments=4, shared_segments=1, top_k=1, taylor_batches=1,
-                           recover={"steps": 3, "batch_size": 8, "feature_weight": 1.0})
-    student, meta = stage.apply(copy.deepcopy(teacher.model), cfg, StageContext(teacher, calib, tmp_path / "w"))
-    layers = moe_layers(student)
-    assert layers and len(layers) == len(meta["moe"])
-    act = meta["activation"]
-    assert act["activated_parameters"] < act["parameters"]
-    assert act["ffn_activated_ratio"] < 0.55  # 2 of 4 segments plus the router
-    assert all(abs(sum(v) - 1) < 1e-3 for v in meta["expert_load"].values())
-    assert meta["training"]["steps"] == 3
-    check_round_trip(teacher, student, "moe", cfg, meta, tmp_path)
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "moe.onnx")).graph.node}
-    assert {"TopK", "ScatterElements"} <= ops, "the graph must gather tokens per expert, not run experts densely"
-
-
 def test_sana_conv_ffn_is_refused():
     m = _loaded("sana")
     with pytest.raises(UnsupportedModelError, match="only GELU FeedForward"):
@@ -164,33 +138,8 @@ def test_ditc_moe_cli(tmp_path):
     assert "## Mixture of experts" in (tmp_path / "out" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("family", ["dit", "sd3"])
-def test_mixture_of_blocks(family, tmp_path):
-    """MoB on top of MoE: blocks run for the chosen samples only; save/restore and export are exact."""
-    teacher = _loaded(family)
-    calib = build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
-    stage = get_stage("moe")
-    tiny = {"steps": 2, "batch_size": 8, "feature_weight": 1.0}
-    cfg = stage.config_cls(segments=4, top_k=1, taylor_batches=1, recover=tiny,
-                           mob={"group_size": 2, "active": 1, "recover": tiny})
-    student, meta = stage.apply(copy.deepcopy(teacher.model), cfg, StageContext(teacher, calib, tmp_path / "w"))
-    protected = {i for _, i in teacher.adapter.protected_blocks(teacher.model)}
-    assert set(meta["mob"]["routed"]).isdisjoint(protected), "protected blocks always run"
-    routed = meta["mob"]["routed"]
-    groups = [routed[s:s + 2] for s in range(0, len(routed), 2)]
-    budget = sum(1 for g in groups) / len(routed)  # one active block per group of (at most) two
-    assert meta["block_activation_fraction"] == pytest.approx(budget, abs=0.01)
-    assert budget < 1
-    assert len(meta["block_activation_by_noise"]["rates"]) == 3
-    pictures = stage.pictures(meta, tmp_path, "stage0")
-    assert (tmp_path / pictures["block_activation"]).stat().st_size > 0
-    assert any("Mixture of blocks" in line for line in stage.report_lines(meta, pictures))
-    assert meta["activation"]["activated_parameters"] < sum(p.numel() for p in teacher.model.parameters()) * 0.8
-    check_round_trip(teacher, student, "moe", cfg, meta, tmp_path, batch=3)
-
-
 def test_routed_block_skips_unchosen_samples():
-    from dit_compress.stages.moe.blocks import MixtureOfBlocks
+    from dit_compress.stages.mob.blocks import MixtureOfBlocks
 
     blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
     mob = MixtureOfBlocks(dim=4, routed=[0, 1], group_size=2, active=1)

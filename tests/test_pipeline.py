@@ -51,9 +51,9 @@ def test_run_writes_every_artifact_and_fails_gate(run_dir):
     assert report["export"]["parity"]["max_abs_error"] <= 1e-4
     assert report["quality"]["outputs_finite"]
     assert 0.4 < report["cost"]["param_ratio"] < 0.9
-    assert report["stages"][0]["metadata"]["removed"] == [1, 2]
+    assert report["stages"][0]["plan"]["removed"] == [1, 2]
     phases = report["phases"]  # time and peak memory of each phase, in the report
-    for name in ("calibration", "stage 0 prune: apply", "stage 0 prune: recovery", "ONNX export + parity",
+    for name in ("calibration", "stage 0 prune: plan", "stage 0 prune: build", "stage 0 prune: recover", "ONNX export + parity",
                  "evaluation", "deployment variants"):
         assert phases[name]["seconds"] >= 0 and phases[name]["peak_rss_gb"] > 0.1, name
     recovery = report["stages"][0]["recovery"]
@@ -135,7 +135,7 @@ def test_ditc_prune_one_off(run_dir, tmp_path):
                                     "--steps", "3", "-o", str(tmp_path / "p"), *TINY_RUN])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "p" / "checkpoint" / "manifest.json").read_text())
-    assert manifest["stages"][0]["metadata"]["removed"] == [2, 3]
+    assert manifest["stages"][0]["plan"]["removed"] == [2, 3]
     assert (tmp_path / "p" / "onnx" / "student.onnx").is_file()
 
 
@@ -149,7 +149,7 @@ def test_ditc_prune_ppcl_writes_every_ratio_of_one_run(run_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     stage = report["stages"][0]
     assert stage["recovery"]["steps"] == 3, "PPCL trains inside the stage, once"
-    assert len(stage["metadata"]["removed"]) == 2 and stage["metadata"]["interval_costs"]
+    assert len(stage["plan"]["removed"]) == 2 and stage["summary"]["interval_costs"]
     variant = report["variants"]["ratio-0.25"]
     assert len(variant["stage"]["removed"]) == 1
     assert variant["export"]["parity"]["max_abs_error"] <= 1e-4

@@ -1,7 +1,8 @@
 """Compressed checkpoints: manifest.json (base reference + stage history) + safetensors weights.
 
 `load_compressed` rebuilds the base architecture from the stored config, replays every
-stage's `restore`, then loads the weights strictly. Nothing is pickled.
+stage's `build` on its recorded plan (and what its training attached), then loads the weights
+strictly. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -18,21 +19,26 @@ from .. import __version__
 from ..errors import CheckpointError
 from ..models.families import get_adapter
 from ..models.load import LoadedModel, build_from_config, load_weights_
-from .stage import get_stage
+from ..train.trainable import replay
+from .stage import Plan, get_stage
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-FORMAT = "ditc-compressed/1"
+FORMAT = "ditc-compressed/2"  # /2: stages record a plan (was: metadata)
 
 
 @dataclass
 class StageRecord:
+    """What restores a stage: its config, its plan, and what its training attached (an adapter)."""
+
     name: str
     config: dict
-    metadata: dict
+    plan: dict
+    attached: dict | None = None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "config": self.config, "metadata": self.metadata}
+        return {"name": self.name, "config": self.config, "plan": self.plan,
+                **({"attached": self.attached} if self.attached else {})}
 
 
 def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
@@ -49,7 +55,6 @@ def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
 
 
 CONDITIONER = "conditioner"
-ADAPTERS_KEY = "adapters"  # in a stage's metadata: adapters its recovery left on the model (TD-LoRA)
 
 
 def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[StageRecord],
@@ -74,7 +79,7 @@ def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[Sta
     if conditioner is not None:  # tiny, and it makes the checkpoint self-contained
         conditioner.save(tmp / CONDITIONER)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if all(get_stage(s.name).is_stock(s.metadata) and ADAPTERS_KEY not in s.metadata for s in stages):
+    if all(get_stage(s.name).is_stock(s.plan) and not s.attached for s in stages):
         # Still a stock diffusers class: also a folder that plain `from_pretrained` loads.
         model.save_pretrained(tmp / "diffusers")
     if folder.exists():
@@ -125,11 +130,9 @@ def _replay_stages(model: nn.Module, stages: list[dict], adapter, folder: Path) 
         stage = get_stage(rec["name"])
         config = stage.config_cls.model_validate(rec["config"])
         try:
-            model = stage.restore(model, config, rec["metadata"], adapter)
-            if ADAPTERS_KEY in rec["metadata"]:
-                from ..adapters.store import reattach  # peft loads only for checkpoints that need it
-
-                model = reattach(model, rec["metadata"][ADAPTERS_KEY])
+            model = stage.build(model, adapter, config, Plan(rec["plan"]))
+            if rec.get("attached"):
+                model = replay(model, rec["attached"])
         except Exception as e:
             raise CheckpointError(f"{folder}: cannot replay stage {i} ({rec['name']}): {e}") from None
     return model

@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 from .. import __version__
 from ..data.calibration import CalibrationSpec, build_calibration
 from ..evaluate.evaluator import Evaluator
@@ -26,14 +28,13 @@ from ..export.artifact import deployment_card
 from ..evaluate.judge import judge_deployment
 from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
-from ..train.distill import TD_LORA, DistillConfig, Distiller
-from ..errors import RecipeError
+from ..train.distill import DistillConfig, Distiller
+from ..errors import RecipeError, UnsupportedModelError
 from .phases import PhaseMeter
 from .processes import process_local, process_state
-from .manifest import (ADAPTERS_KEY, MANIFEST, StageRecord, base_reference, load_compressed, read_manifest,
-                       save_compressed)
+from .manifest import MANIFEST, StageRecord, base_reference, load_compressed, read_manifest, save_compressed
 from .recipe import Recipe, apply_overrides, parse_recipe
-from .stage import StageContext, get_stage
+from .stage import Plan, StageContext, get_stage
 
 log = logging.getLogger("dit_compress")
 
@@ -49,11 +50,12 @@ def _stage_dir(work: Path, i: int, name: str) -> Path:
 
 def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path, meter: PhaseMeter | None = None
                ) -> tuple[LoadedModel, list[dict], dict[str, Path]]:
-    """Apply each stage to a copy of the teacher, recovering after each; resumable per stage.
+    """Run each stage on a copy of the teacher (plan -> build -> phases -> finish); resumable
+    per stage, and per phase inside a stage.
 
     Returns the student, the stage summaries, and the variants (other results of the last
     stage, such as PPCL's other ratios) as checkpoint folders by label. Launched on several
-    processes, all of them apply the stages and only the main one writes."""
+    processes, all of them run the stages and only the main one writes."""
     state = process_state()
     meter = meter or PhaseMeter()
     base = base_reference(teacher, recipe.model.model_dump())
@@ -70,7 +72,8 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path, meter: P
             log.warning("stage %d (%s) follows a stage with variants; only the main model goes on "
                         "(variants stay in %s)", i, spec.name, next(iter(variants.values())).parent)
         variants = {}
-        if (done / MANIFEST).is_file() and read_manifest(done).get("resume_key") == _resume_key(recipe, i):
+        resume_key = _resume_key(recipe, i)
+        if (done / MANIFEST).is_file() and read_manifest(done).get("resume_key") == resume_key:
             log.info("stage %d (%s): already done, restoring from %s", i, spec.name, done)
             with meter(f"stage {i} {spec.name}: restored"):
                 model = load_compressed(done).model
@@ -79,50 +82,95 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path, meter: P
             summaries = manifest["summaries"]
             variants = {p.name: p for p in sorted(variant_dir.glob("*")) if (p / MANIFEST).is_file()}
             continue
-        log.info("stage %d (%s): applying", i, spec.name)
-        t0 = time.time()
         config_json = spec.config.model_dump(mode="json")
 
-        def save_variant(label: str, variant, metadata: dict, _prior=list(records), _name=spec.name,
+        def save_variant(label: str, variant, plan: dict, _prior=list(records), _name=spec.name,
                          _config=config_json) -> None:
             if not state.is_main_process:
                 return
             variants[label] = save_compressed(
-                variant_dir / label, variant, base, [*_prior, StageRecord(_name, _config, metadata)], recipe.hash,
+                variant_dir / label, variant, base, [*_prior, StageRecord(_name, _config, plan)], recipe.hash,
                 {"variant": label}, teacher.conditioner)
 
         if state.is_main_process:
             shutil.rmtree(variant_dir, ignore_errors=True)
         ctx = StageContext(teacher=teacher, calibration=calib, work_dir=done.with_suffix(".work"),
-                           save_variant=save_variant)
-        with meter(f"stage {i} {spec.name}: apply"):
-            model, metadata = stage.apply(model, spec.config, ctx)
-        training = metadata.pop("training", None)  # a stage that distils as part of its method
-        summary = {"name": spec.name, "config": config_json, "metadata": metadata,
-                   "apply_seconds": round(time.time() - t0, 2)}
-        if training:
-            summary["recovery"] = training
-        recover = stage.recovery(spec.config)
-        if recover is not None:
-            log.info("stage %d (%s): recovering by distillation (%d steps)", i, spec.name, recover.steps)
-            model.requires_grad_(True)
-            with meter(f"stage {i} {spec.name}: recovery"):
-                summary["recovery"] = Distiller(
-                    teacher.model, model, teacher.adapter, calib, recover, ctx.work_dir,
-                    layer_map=stage.layer_map(metadata), desc=f"recover {spec.name}").run()
-            model.eval().requires_grad_(False)
-            if recover.trainable == [TD_LORA]:  # the manifest must rebuild the adapter before loading weights
-                from ..adapters.store import describe
-
-                metadata[ADAPTERS_KEY] = describe(model)
-        records.append(StageRecord(spec.name, summary["config"], metadata))
+                           seed=recipe.calibration.seed, save_variant=save_variant)
+        model, record, summary = apply_stage(stage, spec.config, model, ctx, meter, f"stage {i} {spec.name}",
+                                             resume_key)
+        records.append(record)
         summaries.append(summary)
         if state.is_main_process:
             with meter("checkpoints"):
                 save_compressed(done, model, base, records, recipe.hash,
-                                {"resume_key": _resume_key(recipe, i), "summaries": summaries}, teacher.conditioner)
+                                {"resume_key": resume_key, "summaries": summaries}, teacher.conditioner)
         state.wait_for_everyone()
     return teacher.with_model(model), summaries, variants
+
+
+def apply_stage(stage, config, model, ctx: StageContext, meter: PhaseMeter | None = None, label: str = "",
+                resume_key: str = "") -> tuple:
+    """plan -> build -> one distillation per phase -> finish, on `model` (a copy of the teacher or
+    the previous stage's result). Returns (model, its StageRecord, its summary for the report).
+
+    The plan is cached in the work folder (JSON + safetensors) so an interrupted stage resumes
+    with the same choices; each phase resumes from its own distillation checkpoint."""
+    meter = meter or PhaseMeter()
+    label = label or stage.name
+    teacher = ctx.teacher
+    t0 = time.time()
+    stage.check_family(teacher.adapter.family, config)  # before any work
+    adapter = teacher.with_model(model).adapter
+    with meter(f"{label}: plan"):
+        plan = _cached_plan(stage, model, adapter, config, ctx, resume_key)
+    with meter(f"{label}: build"):
+        model = stage.build(model, adapter, config, plan)
+    try:
+        adapter = teacher.with_model(model).adapter  # surgery may have changed the config
+    except UnsupportedModelError:
+        pass  # a training wrapper around the model (PPCL's supernet) keeps the model's adapter
+    stats = stage.inspect(model, adapter, ctx, config, plan)
+    training: dict[str, dict] = {}
+    attached = None
+    for k, phase in enumerate(stage.phases(config, plan, adapter)):
+        log.info("%s: phase %s (%d steps)", label, phase.name, phase.distill.steps)
+        objective = phase.objective(teacher.adapter, model) if phase.objective else None
+        model.requires_grad_(True)
+        distiller = Distiller(teacher.model, model, teacher.adapter, ctx.calibration, phase.distill,
+                              ctx.work_dir / f"phase{k}-{phase.name}", phase.layer_map,
+                              f"{stage.name} {phase.name}", objective, phase.trainable)
+        with meter(f"{label}: {phase.name}"):
+            training[phase.name] = distiller.run()
+        model.eval().requires_grad_(False)
+        attached = distiller.policy.record(model) or attached
+    model, choices, finished = stage.finish(model, adapter, ctx, config, plan)
+    config_json = config.model_dump(mode="json")
+    summary = {"name": stage.name, "config": config_json, "plan": choices, "attached": attached,
+               "summary": stage.summary(config, choices, {**plan.notes, **stats, **finished}),
+               "training": training, "apply_seconds": round(time.time() - t0, 2)}
+    if training:
+        summary["recovery"] = list(training.values())[-1]  # the last phase: what the student ends with
+    return model, StageRecord(stage.name, config_json, choices, attached), summary
+
+
+def _cached_plan(stage, model, adapter, config, ctx: StageContext, key: str) -> Plan:
+    """The stage's plan, computed once per stage run and kept for a resumed run."""
+    folder = ctx.work_dir / "plan"
+    meta = folder / "plan.json"
+    if key and meta.is_file():
+        saved = json.loads(meta.read_text())
+        if saved.get("key") == key:
+            init = load_file(str(folder / "init.safetensors")) if (folder / "init.safetensors").is_file() else {}
+            return Plan(saved["choices"], init, saved["notes"])
+    plan = stage.plan(model, adapter, ctx.calibration, config, ctx)
+    if key and process_state().is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        if plan.init:
+            save_file({k: v.detach().contiguous() for k, v in plan.init.items()}, str(folder / "init.safetensors"))
+        tmp = meta.with_suffix(".tmp")  # written last and renamed: a reader never sees half a plan
+        tmp.write_text(json.dumps({"key": key, "choices": plan.choices, "notes": plan.notes}))
+        tmp.replace(meta)
+    return plan
 
 
 def _resume_key(recipe: Recipe, i: int) -> str:
@@ -163,7 +211,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None 
         return None  # export, evaluation and the report are the main process's
 
     base = base_reference(teacher, recipe.model.model_dump())
-    records = [StageRecord(s["name"], s["config"], s["metadata"]) for s in summaries]
+    records = [StageRecord(s["name"], s["config"], s["plan"], s.get("attached")) for s in summaries]
     with meter("checkpoints"):
         ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
                                {"recipe": recipe.to_dict(), "summaries": summaries}, teacher.conditioner)
@@ -246,7 +294,7 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
         q, _, c, x, path = judge(load_compressed(folder), label, folder)
         variant_reports[label] = {"checkpoint": str(folder), "onnx": str(path) if path else None,
                                   "quality": q, "cost": c, "export": x,
-                                  "stage": read_manifest(folder)["stages"][-1]["metadata"]}
+                                  "stage": read_manifest(folder)["stages"][-1]["plan"]}
     deployment = None
     if e.precisions or e.optimize or e.tensorrt:
         with meter("deployment variants"):
@@ -263,7 +311,7 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
     }
     report["gate"] = check_gate(report, [r.model_dump() for r in recipe.gate]) if recipe.gate else None
     for i, st in enumerate(summaries):  # each stage draws its own figures
-        st["pictures"] = get_stage(st["name"]).pictures(st["metadata"], out, f"stage{i}")
+        st["pictures"] = get_stage(st["name"]).pictures(st["summary"], out, f"stage{i}")
     save_grid(out / "samples.png", pictures["teacher"], pictures["student"], pictures["labels"])
     save_curves(out / "curves.png", report)
     write_markdown(out / "report.md", report)
@@ -285,7 +333,7 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int = 300
     records = [StageRecord(**r) for r in manifest["stages"]]
     layer_map = []
     if feature_weight > 0 and records:
-        layer_map = get_stage(records[-1].name).layer_map(records[-1].metadata)
+        layer_map = get_stage(records[-1].name).layer_map(records[-1].plan)
     student.model.requires_grad_(True)
     config = DistillConfig(steps=steps, lr=lr, feature_weight=feature_weight)
     Distiller(teacher.model, student.model, teacher.adapter, calib, config, work, layer_map, "distill").run()

@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from ..config import StrictConfig
 from ..data.calibration import CalibrationSpec
 from ..errors import RecipeError
+from ..train.distill import DistillConfig
+from ..train.trainable import trainable_policy
 from .stage import get_stage
 
 
@@ -240,16 +242,20 @@ def parse_recipe(data: Any, where: str = "recipe", check_source: bool = False) -
         except ValidationError as e:
             errors += describe_errors(e, f"{where}: stages[{i}].{name}", cls)
     if not errors:
-        for i, spec in enumerate(stages):
-            recover = getattr(spec.config, "recover", None)
-            if recover is None or recover.trainable != ["td_lora"]:
-                continue
-            field = f"{where}: stages[{i}].{spec.name}.recover.trainable: td_lora"
-            if get_stage(spec.name).recovery(spec.config) is None:
-                raise RecipeError(f"{field}: {spec.name} trains new weights inside its method, which a TD-LoRA on "
-                                  "frozen weights cannot; td_lora recovers depth and width pruning")
-            if i < len(stages) - 1:
-                raise RecipeError(f"{field}: the adapter stays on the model, so it must be the last stage's recovery")
+        for i, spec in enumerate(stages):  # an adapter a phase attaches stays on the model
+            distills = [(f".{key}", v) for key, v in spec.config if isinstance(v, DistillConfig)]
+            if isinstance(spec.config, DistillConfig):  # a stage whose config is its distillation (recover)
+                distills.append(("", spec.config))
+            for key, value in distills:
+                if not trainable_policy(value.trainable).attaches:
+                    continue
+                field = f"{where}: stages[{i}].{spec.name}{key}.trainable: {value.trainable[0]}"
+                if not get_stage(spec.name).adapter_allowed(spec.config):
+                    errors.append(f"{field}: {spec.name} trains new weights inside its method, which an adapter "
+                                  "on frozen weights cannot")
+                elif i < len(stages) - 1:
+                    errors.append(f"{field}: the adapter stays on the model, so it must be the last stage's "
+                                  "training")
     if "model" not in data:
         errors.append(f"{where}: model: missing (add `model: {{source: zoo:digits-dit}}`)")
     # The other sections, validated whatever the stages' state (a placeholder stands in for them).

@@ -60,6 +60,12 @@ class CalibrationSet:
     def __len__(self) -> int:
         return self.x0.shape[0]
 
+    def stream(self, name: str) -> int:
+        """First batch index of the named stream: a use of the data ("moe/expert-load") reads
+        batches stream(name) + k, disjoint from training's (0, 1, ...) and from other names'."""
+        h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+        return (1 << 40) + (h << 16)  # 65536 batches per stream
+
     def batch(self, index: int, size: int, shard: tuple[int, int] = (0, 1)) -> Batch:
         """Deterministic batch number `index`; `shard=(rank, world)` takes this process's slice."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)

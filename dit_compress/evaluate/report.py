@@ -141,13 +141,13 @@ def write_markdown(path: Path, report: dict) -> None:
     from ..core.stage import get_stage
 
     for st in report.get("stages", []):
-        lines += get_stage(st["name"]).report_lines(st["metadata"], st.get("pictures") or {})
+        lines += get_stage(st["name"]).report_lines(st["summary"], st.get("pictures") or {})
     lines += run_lines(report)
     lines += ["", "## Stages", ""]
     for st in report.get("stages", []):
         rec = st.get("recovery") or {}
         lines.append(f"- `{st['name']}` {json.dumps(st['config'])}; "
-                     f"metadata: {json.dumps({k: v for k, v in st['metadata'].items() if k not in _BULKY})}"
+                     f"summary: {json.dumps({k: v for k, v in st['summary'].items() if k not in _BULKY})}"
                      + (f"; recovery {rec.get('steps')} steps in {rec.get('seconds')} s, final output MSE "
                         f"{rec.get('final_output_mse')}" if rec else ""))
     path.write_text("\n".join(line for line in lines) + "\n")

@@ -1,3 +1,3 @@
 """Built-in stages; importing this package registers them."""
 
-from . import attention, moe, prune  # noqa: F401
+from . import attention, mob, moe, prune, recover  # noqa: F401

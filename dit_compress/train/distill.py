@@ -11,7 +11,6 @@ checkpoints.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
@@ -33,10 +32,10 @@ from ..models.families import FamilyAdapter
 from ..probes.capture import image_hidden
 from .memory import saved_activation_bytes, training_memory
 from .schedule import lr_factor
+from .trainable import Patterns, trainable_policy
 
 
 TD_LORA = "td_lora"
-RECOVERY_ADAPTER = "recovery"  # the name of the TD-LoRA adapter that recovery trains
 
 
 class DistillConfig(StrictConfig):
@@ -175,34 +174,22 @@ class _LossStep(nn.Module):
 
 def select_trainable_(model: nn.Module, patterns: list[str]) -> int:
     """Freeze everything except parameters whose names match a pattern; returns the count."""
-    n = 0
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in patterns))
-        n += p.numel() if p.requires_grad else 0
-    if n == 0:
-        raise ValueError(f"trainable patterns {patterns} match no parameter")
-    return n
+    return Patterns(patterns).select_(model)
 
 
 class Distiller:
     def __init__(self, teacher: nn.Module, student: nn.Module, adapter: FamilyAdapter,
                  calibration: CalibrationSet, config: DistillConfig, work_dir: Path,
                  layer_map: list[tuple[str, str]] | None = None, desc: str = "distill",
-                 objective: Objective | None = None):
+                 objective: Objective | None = None, trainable: list[str] | None = None):
         self.teacher, self.student, self.adapter = teacher, student, adapter
+        # what trains: the config's selection unless the phase overrides it (see train/trainable.py)
+        self.policy = trainable_policy(trainable or config.trainable, config.td_lora)
         self.calib, self.config, self.work_dir = calibration, config, Path(work_dir)
         self.objective = objective or OutputFeatureObjective(adapter, layer_map or [], config.feature_weight)
         self.desc = desc
         self.ckpt = self.work_dir / "checkpoint"
         self.fingerprint = ""  # set in run(): config + what is trained + the objective
-
-    def _attach_td_lora(self) -> int:
-        from .. import adapters
-
-        if RECOVERY_ADAPTER not in adapters.adapter_names(self.student):
-            config = {**adapters.default_config(TD_LORA, self.student), **self.config.td_lora}
-            adapters.attach(self.student, TD_LORA, config, RECOVERY_ADAPTER)
-        return adapters.train_only(self.student, RECOVERY_ADAPTER)
 
     # -- checkpoints: safetensors + JSON, nothing pickled ------------------------------
     def _save(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, history: list) -> None:
@@ -251,10 +238,7 @@ class Distiller:
         acc = Accelerator(cpu=not torch.cuda.is_available(),
                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         torch.manual_seed(c.seed)
-        if c.trainable == [TD_LORA]:
-            n_trainable = self._attach_td_lora()
-        else:
-            n_trainable = select_trainable_(self.student, c.trainable)
+        n_trainable = self.policy.select_(self.student)
         # A checkpoint resumes only the same run: same config, same trainable tensors, same objective.
         shapes = [(n, tuple(p.shape)) for n, p in self.student.named_parameters() if p.requires_grad]
         self.fingerprint = hashlib.sha256(

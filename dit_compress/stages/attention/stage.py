@@ -9,10 +9,9 @@ import logging
 
 import torch.nn as nn
 
-from ...core.stage import Stage, StageContext
+from ...core.stage import Phase, Plan, Stage, StageContext, seed_of, seeded
 from ...errors import UnsupportedModelError
 from ...models.families import JOINT_ATTENTION, SELF_ATTENTION, FamilyAdapter
-from ...train.distill import Distiller
 from .config import CLEARConfig, LiTConfig
 from .lit import LiTJointProcessor, LiTProcessor
 from .local import CLEARJointProcessor, CLEARProcessor
@@ -70,88 +69,91 @@ def clear_(model, paths, adapter, grid, radius, tile) -> None:
         grid, radius, tile))
 
 
-class _AttentionStage(Stage):
-    def recovery(self, config):
-        return None  # the method's distillation runs in `apply`
+def _block_pairs(adapter, model) -> list[tuple[str, str]]:
+    blocks = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
+    return list(zip(blocks, blocks))
 
-    def is_stock(self, metadata):
+
+class _AttentionStage(Stage):
+    families = ("dit", "pixart", "sd3", "flux")  # softmax image attention (Sana's is linear already)
+
+    def is_stock(self, plan):
         return False
+
+    def _layers(self, model, adapter, config) -> dict:
+        attns = image_attentions(model, adapter, config.blocks, self.name)
+        return {"layers": list(attns), "grid": list(adapter.token_grid())}
 
 
 class LiTStage(_AttentionStage):
     name = "lit"
     config_cls = LiTConfig
 
-    def apply(self, model, config: LiTConfig, ctx: StageContext):
-        adapter = ctx.teacher.with_model(model).adapter
-        attns = image_attentions(model, adapter, config.blocks, "lit")
-        grid = ctx.teacher.adapter.token_grid()
-        if not config.inherit_projections:  # LiT: attention weights start fresh, everything else inherited
-            for lin in image_projections(model, adapter, list(attns)):
-                lin.reset_parameters()
-        lit_(model, list(attns), adapter, config.heads, grid, config.kernel)
+    def plan(self, model, adapter, calibration, config: LiTConfig, ctx: StageContext) -> Plan:
+        return Plan({**self._layers(model, adapter, config), "heads": config.heads, "kernel": config.kernel,
+                     "inherited_projections": config.inherit_projections, "seed": ctx.seed})
+
+    def build(self, model, adapter, config: LiTConfig, plan: Plan):
+        # LiT: attention weights start fresh, everything else inherited; drawn from the plan's seed
+        with seeded(seed_of(self.name, plan["seed"], plan["layers"])):
+            if not plan["inherited_projections"]:
+                for lin in image_projections(model, adapter, plan["layers"]):
+                    lin.reset_parameters()
+            lit_(model, plan["layers"], adapter, plan["heads"], tuple(plan["grid"]), plan["kernel"])
         log.info("lit: %d attentions -> linear attention (%d heads, %dx%d grid, kernel %d)",
-                 len(attns), config.heads, *grid, config.kernel)
-        blocks = [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
-        objective = HybridObjective(ctx.teacher.adapter, list(zip(blocks, blocks)), config.recover.feature_weight,
-                                    config.output_weight, config.variance_weight)
-        training = Distiller(ctx.teacher.model, model, ctx.teacher.adapter, ctx.calibration, config.recover,
-                             ctx.work_dir, desc="lit distill", objective=objective).run()
-        model.eval().requires_grad_(False)
-        return model, {"layers": list(attns), "family": adapter.family, "heads": config.heads, "grid": list(grid),
-                       "kernel": config.kernel, "inherited_projections": config.inherit_projections,
-                       "training": training}
-
-    def report_lines(self, metadata, pictures):
-        g = metadata["grid"]
-        return ["", "## Linear attention (lit)", "",
-                f"{len(metadata['layers'])} attentions on a {g[0]}x{g[1]} token grid became ReLU linear attention with "
-                f"{metadata['heads']} heads and a {metadata['kernel']}x{metadata['kernel']} depthwise convolution of "
-                f"the values; Q/K/V/out {'inherited' if metadata['inherited_projections'] else 'started fresh'}, "
-                "every other weight inherited; hybrid distillation (task + teacher output)."]
-
-    def restore(self, model, config, metadata, adapter):
-        lit_(model, metadata["layers"], adapter, metadata["heads"], tuple(metadata["grid"]),
-             metadata["kernel"])
+                 len(plan["layers"]), plan["heads"], *plan["grid"], plan["kernel"])
         return model
+
+    def phases(self, config: LiTConfig, plan: Plan, adapter) -> list[Phase]:
+        return [Phase("distill", config.recover, lambda teacher_adapter, student: HybridObjective(
+            teacher_adapter, _block_pairs(teacher_adapter, student), config.recover.feature_weight,
+            config.output_weight, config.variance_weight))]
+
+    def report_lines(self, summary, pictures):
+        g = summary["grid"]
+        return ["", "## Linear attention (lit)", "",
+                f"{len(summary['layers'])} attentions on a {g[0]}x{g[1]} token grid became ReLU linear attention with "
+                f"{summary['heads']} heads and a {summary['kernel']}x{summary['kernel']} depthwise convolution of "
+                f"the values; Q/K/V/out {'inherited' if summary['inherited_projections'] else 'started fresh'}, "
+                "every other weight inherited; hybrid distillation (task + teacher output)."]
 
 
 class CLEARStage(_AttentionStage):
     name = "clear"
     config_cls = CLEARConfig
 
-    def apply(self, model, config: CLEARConfig, ctx: StageContext):
-        adapter = ctx.teacher.with_model(model).adapter
-        attns = image_attentions(model, adapter, config.blocks, "clear")
-        grid = ctx.teacher.adapter.token_grid()
-        clear_(model, list(attns), adapter, grid, config.radius, config.tile)
-        log.info("clear: %d attentions -> local attention (radius %d on a %dx%d grid)", len(attns), config.radius,
-                 *grid)
-        recover = config.recover
-        if recover.trainable == ["*"]:  # the paper trains the image stream's projections only
-            names = {m: n for n, m in model.named_modules()}
-            projections = image_projections(model, adapter, list(attns))
-            recover = recover.model_copy(update={"trainable": [f"{names[m]}.*" for m in projections]})
-        objective = CLEARObjective(ctx.teacher.adapter, list(attns), config.output_weight, config.attention_weight)
-        training = Distiller(ctx.teacher.model, model, ctx.teacher.adapter, ctx.calibration, recover,
-                             ctx.work_dir, desc="clear distill", objective=objective).run()
-        model.eval().requires_grad_(False)
+    def plan(self, model, adapter, calibration, config: CLEARConfig, ctx: StageContext) -> Plan:
+        grid = adapter.token_grid()
         reach = range(-config.radius + 1, config.radius)
         window = sum(1 for dy in reach for dx in reach if dy * dy + dx * dx < config.radius ** 2)
-        return model, {"layers": list(attns), "family": adapter.family, "grid": list(grid), "radius": config.radius,
-                       "tile": config.tile, "image_keys_per_query": min(window, grid[0] * grid[1]),
-                       "training": training}
+        layers = self._layers(model, adapter, config)
+        layout = adapter.layout(model)
+        # what the phase trains by default: the image stream's Q/K/V/out projections (the paper's choice)
+        projections = [q for p in layers["layers"] for q in layout.attention(p).image_projections]
+        return Plan({**layers, "radius": config.radius, "tile": config.tile},
+                    notes={"image_keys_per_query": min(window, grid[0] * grid[1]), "image_projections": projections})
 
-    def report_lines(self, metadata, pictures):
-        g = metadata["grid"]
+    def build(self, model, adapter, config: CLEARConfig, plan: Plan):
+        clear_(model, plan["layers"], adapter, tuple(plan["grid"]), plan["radius"], plan["tile"])
+        log.info("clear: %d attentions -> local attention (radius %d on a %dx%d grid)", len(plan["layers"]),
+                 plan["radius"], *plan["grid"])
+        return model
+
+    def phases(self, config: CLEARConfig, plan: Plan, adapter) -> list[Phase]:
+        trainable = None
+        if config.recover.trainable == ["*"]:  # the paper trains the image stream's projections only
+            trainable = [f"{path}.*" for path in plan.notes["image_projections"]]
+        return [Phase("distill", config.recover, lambda teacher_adapter, student: CLEARObjective(
+            teacher_adapter, plan["layers"], config.output_weight, config.attention_weight), trainable=trainable)]
+
+    def summary(self, config, plan, stats):
+        return {**plan, **{k: v for k, v in stats.items() if k != "image_projections"}}
+
+    def report_lines(self, summary, pictures):
+        g = summary["grid"]
         return ["", "## Local attention (clear)", "",
-                f"{len(metadata['layers'])} attentions on a {g[0]}x{g[1]} token grid became local attention: an image "
-                f"token sees the image tokens closer than {metadata['radius']} ({metadata['image_keys_per_query']} "
-                f"of {g[0] * g[1]} at most) and every text token; computed in {metadata['tile']}x{metadata['tile']} "
+                f"{len(summary['layers'])} attentions on a {g[0]}x{g[1]} token grid became local attention: an image "
+                f"token sees the image tokens closer than {summary['radius']} ({summary['image_keys_per_query']} "
+                f"of {g[0] * g[1]} at most) and every text token; computed in {summary['tile']}x{summary['tile']} "
                 "query tiles over their halo windows. Distilled with task + output + attention-output losses, "
                 "training the image stream's Q/K/V/out only."]
-
-    def restore(self, model, config, metadata, adapter):
-        clear_(model, metadata["layers"], adapter, tuple(metadata["grid"]), metadata["radius"],
-               metadata["tile"])
-        return model

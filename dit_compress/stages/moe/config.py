@@ -8,21 +8,6 @@ from ...config import StrictConfig
 from ...train.distill import DistillConfig
 
 
-class MoBConfig(StrictConfig):
-    """Mixture of Blocks over the first block list: `active` of every `group_size` blocks run."""
-
-    group_size: int = Field(4, ge=2)
-    active: int = Field(3, ge=1)
-    # MoB optimisation: output + group feature loss (hidden state at every group's end).
-    recover: DistillConfig = Field(default_factory=lambda: DistillConfig(steps=600, feature_weight=1.0))
-
-    @model_validator(mode="after")
-    def _fits(self):
-        if self.active >= self.group_size:
-            raise ValueError(f"active={self.active} must be below group_size={self.group_size} to skip any block")
-        return self
-
-
 class MoEConfig(StrictConfig):
     # The FFN's neurons are cut into `segments` equal parts: `shared_segments` form the shared
     # expert, every other part is one routed expert, and `top_k` of those run per token.
@@ -36,7 +21,6 @@ class MoEConfig(StrictConfig):
     balance_weight: float = Field(0.05, ge=0, description="weight of the load-balancing loss")
     # Knowledge distillation of the converted model (output + block features + load balancing).
     recover: DistillConfig | None = Field(default_factory=lambda: DistillConfig(steps=1200, feature_weight=1.0))
-    mob: MoBConfig | None = Field(None, description="also route whole blocks (Mixture of Blocks)")
 
     @model_validator(mode="after")
     def _fits(self):

@@ -1,4 +1,10 @@
-"""The `prune` stage: PPCL, and the depth / width baselines it is measured against."""
+"""The `prune` stage: PPCL, and the depth / width baselines it is measured against.
+
+Plan: the removed blocks (depth), the kept channels and heads (width), or the runs each ratio
+collapses (PPCL), with the width pruning's kept channels. Build: that surgery; for PPCL on a plan
+without a deployed ratio, the pluggable supernet that one distillation trains for every ratio.
+Finish (PPCL): deploy every ratio, the main one recorded in the plan, the others as variants.
+"""
 
 from __future__ import annotations
 
@@ -8,50 +14,24 @@ import shutil
 import torch.nn as nn
 
 from ...core.processes import process_local
-from ...core.stage import Stage, StageContext
+from ...core.stage import Phase, Plan, Stage, StageContext
 from ...errors import RecipeError
 from ...models.families import FamilyAdapter
 from ...probes.boundaries import block_influence, boundary_states
 from ...probes.redundancy import analyse_states
-from ...train.distill import Distiller
 from .config import PruneConfig
 from .depth import remove_blocks_
-from .width import QKV, attention_modules, ffn_inputs, replay_width_, width_prune_
+from .surgery import block_names, protected_indices, slice_width_, width_choices
+from .width import QKV, attention_modules, ffn_inputs, width_prune_
+
+__all__ = ["PruneStage", "remove_blocks_", "uniform_width_fractions"]
 
 log = logging.getLogger("dit_compress")
 
-
-def _block_names(adapter: FamilyAdapter, model: nn.Module) -> list[str]:
-    return [f"{g.attr}.{i}" for g, i, _ in adapter.blocks(model)]
-
-
-def _protected(adapter: FamilyAdapter, model: nn.Module) -> set[int]:
-    names = _block_names(adapter, model)
-    return {names.index(f"{g}.{i}") for g, i in adapter.protected_blocks(model)}
-
-
-def width_record(model: nn.Module, adapter: FamilyAdapter, teacher: nn.Module, teacher_adapter: FamilyAdapter,
-                 sources: list[int]) -> dict:
-    """Parameter shapes and head counts of `model` that differ from the teacher blocks they came
-    from (`sources[j]`: the teacher block index of student block j)."""
-    t_names = _block_names(teacher_adapter, teacher)
-    rename = dict(zip(_block_names(adapter, model), (t_names[k] for k in sources)))
-
-    def source(name: str) -> str:
-        parts = name.split(".")
-        block = ".".join(parts[:2])
-        return ".".join([rename[block], *parts[2:]]) if block in rename else name
-
-    t_params, t_mods = dict(teacher.named_parameters()), dict(teacher.named_modules())
-    shapes = {n: list(p.shape) for n, p in model.named_parameters()
-              if tuple(p.shape) != tuple(t_params[source(n)].shape)}
-    heads = {}
-    for (g, i, _), attns in zip(adapter.blocks(model), attention_modules(adapter, model)):
-        for name, attn in attns:
-            full = f"{g.attr}.{i}.{name}"
-            if attn.heads != t_mods[source(full)].heads:
-                heads[full] = attn.heads
-    return {"shapes": shapes, "heads": heads}
+ALL_FAMILIES = ("dit", "pixart", "sd3", "flux", "sana")
+# Torch-Pruning traces softmax attention and FeedForward FFNs only (`width.unsupported` says why not
+# Flux: rotary embedding, fused single blocks; nor Sana: linear attention, convolutional FFN).
+WIDTH_FAMILIES = ("dit", "pixart", "sd3")
 
 
 def _prunable_parameters(adapter: FamilyAdapter, model: nn.Module) -> tuple[int, int, int]:
@@ -86,29 +66,36 @@ def uniform_width_fractions(adapter: FamilyAdapter, model: nn.Module, ratio: flo
     return head_fraction, max(0.0, ffn_fraction)
 
 
+def _width(model, adapter, calib, heads: float, ffn: float, importance: str) -> dict:
+    return width_choices(model, lambda m: width_prune_(m, adapter, calib, heads, ffn, importance))
+
+
 class PruneStage(Stage):
     name = "prune"
     config_cls = PruneConfig
+    families = ALL_FAMILIES
 
-    def recovery(self, config: PruneConfig):
-        # PPCL's distillation is part of the method and runs inside `apply`.
-        return None if config.method == "ppcl" else config.recover
+    def supported_families(self, config: PruneConfig):
+        uses_width = config.method == "width" or (config.width is not None and (config.width.heads or config.width.ffn))
+        return WIDTH_FAMILIES if uses_width else ALL_FAMILIES
 
-    def is_stock(self, metadata: dict) -> bool:
-        return not (metadata.get("width") or {}).get("shapes")
+    def adapter_allowed(self, config: PruneConfig) -> bool:
+        return config.method != "ppcl"  # PPCL's distillation trains its new replacement blocks
 
-    def apply(self, model, config: PruneConfig, ctx: StageContext):
-        adapter = ctx.teacher.with_model(model).adapter  # the student's own: surgery updates its config
+    def is_stock(self, plan: dict) -> bool:
+        return not plan.get("width")
+
+    # -- plan ------------------------------------------------------------------------
+    def plan(self, model, adapter, calibration, config: PruneConfig, ctx: StageContext) -> Plan:
         if config.method == "ppcl":
-            return self._ppcl(model, adapter, config, ctx)
+            return self._plan_ppcl(model, adapter, calibration, config, ctx)
         if config.method == "width":
-            return self._width(model, adapter, config, ctx)
-        return self._depth(model, adapter, config, ctx)
+            return self._plan_width(model, adapter, calibration, config)
+        return self._plan_depth(model, adapter, calibration, config)
 
-    # -- baselines -------------------------------------------------------------------
-    def _depth(self, model, adapter, config: PruneConfig, ctx: StageContext):
-        names = _block_names(adapter, model)
-        protected = _protected(adapter, model)
+    def _plan_depth(self, model, adapter, calib, config: PruneConfig) -> Plan:
+        names = block_names(adapter, model)
+        protected = protected_indices(adapter, model)
         scores = None
         if config.remove is not None:
             bad = [i for i in config.remove if not 0 <= i < len(names)]
@@ -126,7 +113,7 @@ class PruneStage(Stage):
                 raise RecipeError(f"prune.ratio: {config.ratio} removes {n_remove} of {len(names)} blocks "
                                   f"({len(candidates)} removable)")
             if config.select == "block_influence":
-                scores = block_influence(model, adapter, ctx.calibration)
+                scores = block_influence(model, adapter, calib)
                 removed = sorted(candidates, key=lambda i: scores[i])[:n_remove]
             elif config.select == "last":
                 removed = candidates[-n_remove:]
@@ -138,41 +125,33 @@ class PruneStage(Stage):
         # Student block j stands in for teacher blocks kept[j] .. kept[j+1]-1, so its output is
         # matched to the teacher's hidden state where that run of blocks ends.
         ends = [k - 1 for k in kept[1:]] + [len(names) - 1]
-        remove_blocks_(model, adapter, removed)
-        metadata = {
-            "removed": removed,
-            "teacher_targets": [names[i] for i in ends],
-            "student_blocks": _block_names(adapter, model),
-            "block_influence": [round(s, 6) for s in scores] if scores else None,
-        }
-        return model, metadata
+        groups = [g.attr for g, _, _ in adapter.blocks(model)]
+        student = [f"{groups[i]}.{sum(groups[k] == groups[i] for k in kept[:j])}" for j, i in enumerate(kept)]
+        choices = {"removed": removed, "teacher_targets": [names[i] for i in ends], "student_blocks": student}
+        return Plan(choices, notes={"block_influence": [round(s, 6) for s in scores] if scores else None})
 
-    def _width(self, model, adapter, config: PruneConfig, ctx: StageContext):
+    def _plan_width(self, model, adapter, calib, config: PruneConfig) -> Plan:
         total = sum(p.numel() for p in model.parameters())
         head_fraction, ffn_fraction = uniform_width_fractions(adapter, model, config.ratio)
         importance = config.width.importance if config.width else "l2"
-        width_prune_(model, adapter, ctx.calibration, head_fraction, ffn_fraction, importance)
-        names = _block_names(adapter, model)
-        after = sum(p.numel() for p in model.parameters())
-        return model, {
-            "removed": [], "student_blocks": names, "teacher_targets": names,
-            "width": width_record(model, adapter, ctx.teacher.model, ctx.teacher.adapter, list(range(len(names)))),
-            "head_fraction": round(head_fraction, 4), "ffn_fraction": round(ffn_fraction, 4),
-            "importance": importance,
-            "parameter_ratio": round(after / total, 4),
-        }
+        width = _width(model, adapter, calib, head_fraction, ffn_fraction, importance)
+        removed = sum(p.numel() for n, p in model.named_parameters() if n in width["keep"])
+        kept = sum(len(kept) * p.numel() // p.shape[dim]
+                   for n, p in model.named_parameters() if n in width["keep"] for dim, kept in [width["keep"][n]])
+        names = block_names(adapter, model)
+        return Plan({"removed": [], "student_blocks": names, "teacher_targets": names, "width": width,
+                     "head_fraction": round(head_fraction, 4), "ffn_fraction": round(ffn_fraction, 4),
+                     "importance": importance},
+                    notes={"parameter_ratio": round((total - removed + kept) / total, 4)})
 
-    # -- PPCL ------------------------------------------------------------------------
-    def _ppcl(self, model, adapter, config: PruneConfig, ctx: StageContext):
-        from .ppcl import ContiguousLayerObjective, PluggableSupernet, costs_to_json, make_plans, plan_to_json, \
-            run_map
+    def _plan_ppcl(self, model, adapter, calib, config: PruneConfig, ctx: StageContext) -> Plan:
+        from .ppcl import costs_to_json, make_plans, plan_to_json
 
-        names = _block_names(adapter, model)
+        names = block_names(adapter, model)
         groups = [g.attr for g, _, _ in adapter.blocks(model)]
-        protected = _protected(adapter, model)
+        protected = protected_indices(adapter, model)
         ratios = config.all_ratios()
         savings = {r: round(r * len(names)) for r in ratios}
-        order = sorted(savings.values())
         zero = [r for r, s in savings.items() if s == 0]
         if zero:
             raise RecipeError(f"prune.ratio: {zero[0]} of {len(names)} blocks removes no block")
@@ -188,69 +167,88 @@ class PruneStage(Stage):
         log.info("ppcl: probing %d blocks for redundant runs", len(names))
         # streamed through disk (one or two layers in memory at a time), by every process for itself
         shards = process_local(ctx.work_dir / "boundary-states")
-        states = boundary_states(model, adapter, ctx.calibration, folder=shards)
-        plans, costs = make_plans(states, groups, protected, order, config.max_interval, allowed)
+        states = boundary_states(model, adapter, calib, folder=shards)
+        plans, costs = make_plans(states, groups, protected, sorted(savings.values()), config.max_interval, allowed)
         analysis = analyse_states(states, model, adapter).to_json()
         del states
         shutil.rmtree(shards, ignore_errors=True)
-
         width = config.width
+        record = None
         if width and (width.heads or width.ffn):
             log.info("ppcl: width pruning (heads %.0f%%, FFN %.0f%%, %s)", 100 * width.heads, 100 * width.ffn,
                      width.importance)
-            width_prune_(model, adapter, ctx.calibration, width.heads, width.ffn, width.importance)
-        supernet = PluggableSupernet(model, adapter, [plans[s] for s in order])
-        supernet.requires_grad_(True)
-        objective = ContiguousLayerObjective(adapter, supernet, config.contiguous_weight,
-                                             config.recover.feature_weight)
-        training = Distiller(ctx.teacher.model, supernet, ctx.teacher.adapter, ctx.calibration, config.recover,
-                             ctx.work_dir, desc="ppcl distill", objective=objective).run()
-        supernet.eval().requires_grad_(False)
+            record = _width(model, adapter, calib, width.heads, width.ffn, width.importance)
+        choices = {"ratios": ratios, "names": names,
+                   "plans": {f"{r:g}": plan_to_json(plans[savings[r]]) for r in ratios},
+                   "width": record, "width_config": width.model_dump() if width else None}
+        return Plan(choices, notes={"interval_costs": costs_to_json(costs), "analysis": analysis})
+
+    # -- build -----------------------------------------------------------------------
+    def build(self, model, adapter, config: PruneConfig, plan: Plan):
+        if plan.get("width"):
+            slice_width_(model, plan["width"])
+        if config.method == "ppcl" and "ratio" not in plan.choices:
+            from .ppcl import PluggableSupernet, plan_from_json
+
+            # ratios in the order of the blocks they remove (the training schedule's weights)
+            plans = sorted((plan_from_json(p) for p in plan["plans"].values()), key=lambda p: sum(iv.saves for iv in p))
+            return PluggableSupernet(model, adapter, plans)
+        remove_blocks_(model, adapter, plan["removed"])
+        return model
+
+    # -- training --------------------------------------------------------------------
+    def phases(self, config: PruneConfig, plan: Plan, adapter) -> list[Phase]:
+        if config.recover is None:
+            return []
+        if config.method == "ppcl":
+            from .ppcl import ContiguousLayerObjective
+
+            return [Phase("ppcl", config.recover, lambda teacher_adapter, supernet: ContiguousLayerObjective(
+                teacher_adapter, supernet, config.contiguous_weight, config.recover.feature_weight))]
+        return [Phase("recover", config.recover, layer_map=self.layer_map(plan.choices))]
+
+    def finish(self, model, adapter, ctx: StageContext, config: PruneConfig, plan: Plan):
+        if config.method != "ppcl":
+            return model, plan.choices, {}
+        from .ppcl import plan_from_json, run_map
 
         def adapter_for(m):
             return ctx.teacher.with_model(m).adapter
 
-        shared = {"interval_costs": costs_to_json(costs), "ratios": ratios,
-                  "width_config": width.model_dump() if width else None}
+        names = plan["names"]
         result = None
-        for r in ratios:
-            plan = plans[savings[r]]
-            deployed, removed = supernet.deploy(plan, adapter_for)
-            d_adapter = adapter_for(deployed)
-            sources = [i for i in range(len(names)) if i not in removed]
-            student_names = _block_names(d_adapter, deployed)
-            pairs = run_map(plan, names, student_names)
-            metadata = {
-                "ratio": r, "intervals": plan_to_json(plan), "removed": removed,
-                "student_blocks": student_names, "teacher_targets": [t for _, t in pairs],
-                "width": width_record(deployed, d_adapter, ctx.teacher.model, ctx.teacher.adapter, sources),
-                **shared,
-            }
+        for r in plan["ratios"]:
+            intervals = plan_from_json(plan["plans"][f"{r:g}"])
+            deployed, removed = model.deploy(intervals, adapter_for)
+            pairs = run_map(intervals, names, block_names(adapter_for(deployed), deployed))
+            choices = {**plan.choices, "ratio": r, "intervals": plan["plans"][f"{r:g}"], "removed": removed,
+                       "student_blocks": [s for s, _ in pairs], "teacher_targets": [t for _, t in pairs]}
             if r == config.ratio:
-                result = (deployed, {**metadata, "analysis": analysis, "training": training})
+                result = deployed, choices
             elif ctx.save_variant is not None:
-                ctx.save_variant(f"ratio-{r:g}", deployed, metadata)
-        return result
+                ctx.save_variant(f"ratio-{r:g}", deployed, choices)
+        return result[0], result[1], {}
 
-    def restore(self, model, config, metadata, adapter):
-        remove_blocks_(model, adapter, metadata["removed"])
-        if metadata.get("width"):
-            replay_width_(model, metadata["width"])
-        return model
+    # -- report ----------------------------------------------------------------------
+    def summary(self, config: PruneConfig, plan: dict, stats: dict) -> dict:
+        out = {k: v for k, v in plan.items() if k not in ("width", "plans", "names")}
+        if plan.get("width"):
+            out["width"] = {"heads": plan["width"]["heads"], "pruned_parameters": len(plan["width"]["keep"])}
+        return {**out, **stats}
 
-    def pictures(self, metadata, out, prefix):
-        if not metadata.get("analysis"):
+    def pictures(self, summary, out, prefix):
+        if not summary.get("analysis"):
             return {}
         from ...probes.redundancy import plot_analysis
 
         name = f"analysis-{prefix}.png"
-        plot_analysis(metadata["analysis"], out / name, [iv[:2] for iv in metadata.get("intervals", [])])
+        plot_analysis(summary["analysis"], out / name, [iv[:2] for iv in summary.get("intervals", [])])
         return {"analysis": name}
 
-    def report_lines(self, metadata, pictures):
+    def report_lines(self, summary, pictures):
         if "analysis" not in pictures:
             return []
-        costs = {tuple(c["blocks"]): c["cost"] for c in metadata.get("interval_costs", [])}
+        costs = {tuple(c["blocks"]): c["cost"] for c in summary.get("interval_costs", [])}
         return ["", "## Redundancy analysis (prune)", "",
                 "Teacher hidden states at block boundaries on calibration inputs across timesteps: "
                 "cosine and linear CKA of each block's input and output, linear-probe R², the "
@@ -259,7 +257,7 @@ class PruneStage(Stage):
                 f"![analysis]({pictures['analysis']})", "",
                 "| run collapsed | into block | probe cost (1 - R²) |", "|---|---|---|",
                 *[f"| {a}..{b} | {anchor} | {costs.get((a, b), 'n/a')} |"
-                  for a, b, anchor in metadata.get("intervals", [])]]
+                  for a, b, anchor in summary.get("intervals", [])]]
 
-    def layer_map(self, metadata):
-        return list(zip(metadata["student_blocks"], metadata["teacher_targets"]))
+    def layer_map(self, plan):
+        return list(zip(plan["student_blocks"], plan["teacher_targets"]))
