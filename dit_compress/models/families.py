@@ -79,7 +79,8 @@ class FFNView:
     `form` is "feedforward" (diffusers FeedForward: `up` = net.0.proj, activation, `down` =
     net.2), "glumbconv" (Sana's convolutional GLU: 1x1 conv up, depthwise conv, 1x1 conv down)
     or "fused" (Flux single blocks: `up` = proj_mlp, then act_mlp, and `down` = the columns
-    `down_columns` of proj_out, whose other columns project the attention output). A fused view
+    `down_columns` of proj_out, whose other columns project the attention output), or "replaced"
+    (an FFN an earlier stage replaced, e.g. by a mixture of experts). A fused or replaced view
     describes; it does not convert."""
 
     path: str              # the FFN module, or the block for a fused FFN
@@ -186,6 +187,8 @@ def _feedforward(block: nn.Module, prefix: str, attr: str, stream: str) -> FFNVi
     if hasattr(ff, "conv_inverted"):  # Sana's GLUMBConv: the up-projection makes value and gate halves
         return FFNView(path, attr, stream, "glumbconv", f"{path}.conv_inverted", f"{path}.conv_point",
                        ff.conv_point.in_channels)
+    if not hasattr(ff, "net"):  # replaced by an earlier stage (a mixture of experts): listed, not projected
+        return FFNView(path, attr, stream, "replaced", path, path, 0)
     return FFNView(path, attr, stream, "feedforward", f"{path}.net.0.proj", f"{path}.net.2", ff.net[2].in_features)
 
 
