@@ -18,7 +18,7 @@ from dit_compress.models.load import LoadedModel
 from dit_compress.sampling import DEFAULT_SCHEDULER
 from dit_compress.stages.prune.ppcl import ContiguousLayerObjective, Interval, PluggableSupernet, make_plans, \
     plan_removal, streams
-from dit_compress.stages.prune.width import replay_width_, width_prune_
+from dit_compress.stages.prune.width import attention_modules, replay_width_, width_prune_
 
 
 def _loaded(family):
