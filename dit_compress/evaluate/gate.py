@@ -8,7 +8,7 @@ def lookup(report: dict, dotted: str) -> float | None:
     node = report
     for part in dotted.split("."):
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]  # e.g. stages.0.metadata...
+            node = node[int(part)]  # e.g. stages.0.summary...
         elif isinstance(node, dict) and part in node:
             node = node[part]
         else:
