@@ -273,6 +273,10 @@ def plan_to_json(plan: list[Interval]) -> list[list[int]]:
     return [iv.to_json() for iv in plan]
 
 
+def plan_from_json(plan: list[list[int]]) -> list[Interval]:
+    return [Interval(*iv) for iv in plan]
+
+
 def run_map(plan: list[Interval], names: list[str], student_names: list[str]) -> list[tuple[str, str]]:
     """(student block, teacher block) pairs: each student block ends where its run ends."""
     ends = []
