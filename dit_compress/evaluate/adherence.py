@@ -4,10 +4,9 @@
     >>> report["all"]                           # {"mean": ..., "stderr": ...} over seeds
 
 The digit is read by the bundled scene classifier (`zoo/scenes-classifier`); every other attribute is
-measured from pixels: the background is the nearest palette background
-to the canvas border, the foreground is what lies far from it, its centroid gives the position, its
-bounding box the size, and the palette colour whose blend with the background best explains its pixels
-is the digit colour.
+measured from pixels: the background is the nearest palette background to the canvas border, the
+foreground is what lies far from it, its centroid gives the position, its bounding box the size, and the
+palette colour whose blend with the background best explains its pixels is the digit colour.
 """
 
 from __future__ import annotations
