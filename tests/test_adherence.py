@@ -8,7 +8,7 @@ import pytest
 
 from dit_compress.data.scenes import (BACKGROUNDS, COLOURS, HELDOUT_PROMPTS, POSITIONS, SIZES, all_scenes,
                                       parse_caption, render_captions, render_scenes)
-from dit_compress.evaluate.adherence import attribute_hits, evaluate_adherence, scene_psnr_ssim
+from dit_compress.evaluate.adherence import attribute_hits, classify_scenes, evaluate_adherence, scene_psnr_ssim
 from dit_compress.models.load import ZOO_DIR
 from dit_compress.models.scene_classifier import SceneClassifier
 
@@ -24,7 +24,7 @@ def test_bundled_classifier_reads_heldout_digits(classifier):
     assert json.loads((CLASSIFIER / "config.json").read_text())["heldout_accuracy"] >= 0.98
     assert (CLASSIFIER / "model.safetensors").stat().st_size < 1_000_000
     scenes = all_scenes()[::2]
-    digits, features = classifier.predict(render_scenes(scenes, "heldout", seed=7))
+    digits, features = classify_scenes(classifier, render_scenes(scenes, "heldout", seed=7))
     assert (digits == np.array([s.digit for s in scenes])).mean() >= 0.98
     assert features.shape == (len(scenes), 64)
 

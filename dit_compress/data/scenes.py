@@ -213,3 +213,56 @@ def _heldout_prompts() -> tuple[tuple[Scene, str], ...]:
 
 
 HELDOUT_PROMPTS = _heldout_prompts()
+
+
+# Reading a scene back from its pixels: the view the adherence evaluator and the scene classifier share.
+
+# A pixel is foreground once it is half-way from the background to the nearest digit colour.
+FOREGROUND_DISTANCE = 0.5 * min(np.linalg.norm(np.subtract(c, b)) for c in COLOURS.values()
+                                for b in BACKGROUNDS.values())
+CROP = 16  # side of the classifier's digit crops
+
+
+def background_rgb(image: np.ndarray) -> np.ndarray:
+    """Median colour of the canvas border: a corner digit touches at most a quarter of it."""
+    img = np.asarray(image, dtype=np.float64)
+    ring = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    return np.median(ring, axis=0)
+
+
+def _drop_isolated(mask: np.ndarray) -> np.ndarray:
+    """Foreground pixels with no foreground among their 8 neighbours are noise, not strokes: one such
+    pixel would stretch the bounding box across the canvas."""
+    padded = np.pad(mask, 1).astype(np.int8)
+    h, w = mask.shape
+    neighbours = sum(padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                     for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+    return mask & (neighbours > 0)
+
+
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels at least FOREGROUND_DISTANCE from the background colour, isolated ones dropped."""
+    img = np.asarray(image, dtype=np.float64)
+    return _drop_isolated(np.linalg.norm(img - background_rgb(img), axis=-1) >= FOREGROUND_DISTANCE)
+
+
+def digit_crops(images: np.ndarray) -> torch.Tensor:
+    """uint8 scenes (N, 32, 32, 3) -> float (N, 3, 16, 16): each scene minus its background colour,
+    cropped to the square around its foreground's bounding box and resized, so that the digit's shape
+    no longer depends on where it is, how large, or what it is drawn on. A scene without foreground
+    is taken whole."""
+    crops = []
+    for image in images:
+        relative = (image.astype(np.float32) - background_rgb(image).astype(np.float32)) / 127.5
+        relative = torch.from_numpy(relative).permute(2, 0, 1)
+        rows, cols = np.nonzero(foreground_mask(image))
+        if len(rows):
+            side = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+            top = (rows.max() + rows.min() + 1 - side) // 2
+            left = (cols.max() + cols.min() + 1 - side) // 2
+            # Pad with zeros (the background) where the square runs off the canvas.
+            padded = F.pad(relative, (side, side, side, side))
+            relative = padded[:, top + side:top + 2 * side, left + side:left + 2 * side]
+        crops.append(F.interpolate(relative[None], size=(CROP, CROP), mode="bilinear", antialias=True,
+                                   align_corners=False)[0])
+    return torch.stack(crops) if crops else torch.zeros(0, 3, CROP, CROP)

@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.scenes import BACKGROUNDS, CANVAS, COLOURS, HELDOUT_PROMPTS, SIZES, Scene, render_captions
+from ..data.scenes import (BACKGROUNDS, CANVAS, COLOURS, HELDOUT_PROMPTS, SIZES, Scene, background_rgb, digit_crops,
+                           foreground_mask, render_captions)
 from ..models.load import ZOO_DIR
 from ..models.scene_classifier import SceneClassifier
 from .metrics import frechet_distance, psnr_ssim
@@ -26,8 +27,6 @@ ATTRIBUTES = ("digit", "size", "colour", "position", "background")
 REAL_SEED = 10_000  # seeds of the real renders FD compares with, apart from any generation seed
 _COLOUR_NAMES, _COLOUR_RGB = list(COLOURS), np.array(list(COLOURS.values()), dtype=np.float64)
 _BACKGROUND_NAMES, _BACKGROUND_RGB = list(BACKGROUNDS), np.array(list(BACKGROUNDS.values()), dtype=np.float64)
-# A pixel is foreground once it is half-way from the background to the nearest digit colour.
-FOREGROUND_DISTANCE = 0.5 * min(np.linalg.norm(c - b) for c in _COLOUR_RGB for b in _BACKGROUND_RGB)
 # Sizes: the larger side of the foreground's bounding box is at most the small box's side for a small
 # digit and at least 2/3 of the large box's side for a large one; the threshold lies half-way.
 SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"] * 2 / 3) / 2
@@ -58,29 +57,6 @@ def _blend_residuals(pixels: np.ndarray, directions: np.ndarray) -> np.ndarray:
     alpha = np.clip(pixels @ directions.T / (directions ** 2).sum(1), 0, 1)  # (P, C)
     fitted = alpha[..., None] * directions[None]  # (P, C, 3)
     return np.linalg.norm(pixels[:, None] - fitted, axis=-1).mean(0)
-
-
-def background_rgb(image: np.ndarray) -> np.ndarray:
-    """Median colour of the canvas border: a corner digit touches at most a quarter of it."""
-    img = np.asarray(image, dtype=np.float64)
-    ring = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
-    return np.median(ring, axis=0)
-
-
-def _drop_isolated(mask: np.ndarray) -> np.ndarray:
-    """Foreground pixels with no foreground among their 8 neighbours are noise, not strokes: one such
-    pixel would stretch the bounding box across the canvas."""
-    padded = np.pad(mask, 1).astype(np.int8)
-    h, w = mask.shape
-    neighbours = sum(padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-                     for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
-    return mask & (neighbours > 0)
-
-
-def foreground_mask(image: np.ndarray) -> np.ndarray:
-    """(H, W) bool: pixels at least FOREGROUND_DISTANCE from the background colour, isolated ones dropped."""
-    img = np.asarray(image, dtype=np.float64)
-    return _drop_isolated(np.linalg.norm(img - background_rgb(img), axis=-1) >= FOREGROUND_DISTANCE)
 
 
 def measure(image: np.ndarray) -> Measured:
@@ -120,9 +96,21 @@ def _spread(values: list[float]) -> dict:
     return {"mean": round(float(v.mean()), 4), "stderr": None if stderr is None else round(stderr, 4)}
 
 
+@torch.no_grad()
+def classify_scenes(classifier: SceneClassifier, images: np.ndarray, batch_size: int = 500
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Digits (N,) and float64 penultimate features (N, 64) of uint8 scenes (N, 32, 32, 3)."""
+    digits, features = [], []
+    for i in range(0, len(images), batch_size):
+        f = classifier.features(digit_crops(images[i:i + batch_size]))
+        digits.append(classifier.head(f).argmax(1).numpy())
+        features.append(f.numpy().astype(np.float64))
+    return np.concatenate(digits), np.concatenate(features)
+
+
 def attribute_hits(scenes: list[Scene], images: np.ndarray, classifier: SceneClassifier) -> dict[str, np.ndarray]:
     """Per attribute, a bool per image: does the image show what its scene asks for?"""
-    digits, _ = classifier.predict(images)
+    digits, _ = classify_scenes(classifier, images)
     measured = [measure(image) for image in images]
     hits = {"digit": digits == np.array([s.digit for s in scenes])}
     for attribute in ATTRIBUTES[1:]:
@@ -150,8 +138,8 @@ def evaluate_adherence(generate: GenerateFn, seeds: tuple[int, ...] = (0, 1, 2),
     scenes, captions = [s for s, _ in prompts], [c for _, c in prompts]
     novel = np.array([s.heldout_only for s in scenes])
     real = np.concatenate([render_captions(captions, seed=REAL_SEED + k) for k in range(real_draws)])
-    real_features = classifier.predict(real)[1]
-    _, fresh_features = classifier.predict(render_captions(captions, seed=REAL_SEED + real_draws))
+    real_features = classify_scenes(classifier, real)[1]
+    _, fresh_features = classify_scenes(classifier, render_captions(captions, seed=REAL_SEED + real_draws))
     per_seed = []
     for seed in seeds:
         images = np.asarray(generate(captions, seed))
@@ -161,7 +149,7 @@ def evaluate_adherence(generate: GenerateFn, seeds: tuple[int, ...] = (0, 1, 2),
         hits = attribute_hits(scenes, images, classifier)
         row = {"seed": seed, **{a: float(hits[a].mean()) for a in (*ATTRIBUTES, "all")},
                "all_novel_pairs": float(hits["all"][novel].mean()) if novel.any() else None,
-               "fd": frechet_distance(classifier.predict(images)[1], real_features)}
+               "fd": frechet_distance(classify_scenes(classifier, images)[1], real_features)}
         if reference is not None:
             row["psnr"], row["ssim"] = scene_psnr_ssim(np.asarray(reference(captions, seed)), images)
         per_seed.append(row)

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from ..data.digits import NUM_CLASSES, load_digits_split
 from ..models.classifier import DigitClassifier
 from ..models.load import DEFAULT_SCHEDULER
-from ..models.scene_classifier import train_scene_classifier
 from ..sampling import NoiseSchedule, sample_batched
+from .scene_classifier import train_scene_classifier
 from .schedule import cosine_decay, warmup
 
 # The bundled teachers: one per family that later stages must cover.
