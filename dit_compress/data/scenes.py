@@ -2,9 +2,10 @@
 
 A scene places one digit at one of five positions, in one of two sizes, in one of four colours on one
 of three backgrounds. Each attribute is chosen so that it can be measured from pixels alone
-(`evaluate/adherence.py`): positions by the foreground's centroid, sizes by its bounding box, colours by
-the nearest palette entry. Captions come from a few templates over a closed vocabulary, so a tokenizer
-can be built from `VOCABULARY` and every caption parses back to its scene.
+(`evaluate/adherence.py`, on the background and foreground mask defined at the end of this module):
+positions by the foreground's centroid, sizes by its bounding box, colours by the palette. Captions
+come from a few templates over a closed vocabulary, so a tokenizer can be built from `VOCABULARY` and
+every caption parses back to its scene.
 
 Compositional split (as GenEval tests it): each digit colour has one position it never takes in
 training, `HELDOUT_ONLY` — red at the top left, green at the top right, blue at the bottom left and
