@@ -22,6 +22,7 @@ from ..data.digits import NUM_CLASSES, load_digits_split
 from ..models.classifier import DigitClassifier
 from ..models.load import DEFAULT_SCHEDULER
 from ..sampling import NoiseSchedule, sample_batched
+from .scene_classifier import train_scene_classifier
 from .schedule import cosine_decay, warmup
 
 # The bundled teachers: one per family that later stages must cover.
@@ -158,6 +159,7 @@ def train_zoo(out: Path, steps: int = 6000, seed: int = 0, only: str | None = No
     result = {}
     if only is None:
         result["classifier"] = train_classifier(out / "digits-classifier", seed=seed)
+        result["scenes-classifier"] = train_scene_classifier(out / "scenes-classifier", seed=seed)
     classifier = DigitClassifier.load(out / "digits-classifier")
     for name, spec in TEACHERS.items():
         if only not in (None, name):
