@@ -81,27 +81,53 @@ class ScenesFluxConfig:
 SCENES_FLUX = ScenesFluxConfig()
 
 
+def _whole_word_merges(words) -> list[tuple[str, str]]:
+    """BPE merges learnt until every word is one symbol: the most frequent adjacent pair first, ties
+    broken alphabetically, so the result is a pure function of the words (tokenizers' BpeTrainer
+    breaks ties in hash order). Replaying them on a word of the list rebuilds that word."""
+    symbols = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(set(words))]
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for word in symbols:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for k, word in enumerate(symbols):
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            symbols[k] = merged
+
+
 def build_clip_tokenizer(folder: Path, max_length: int, vocabulary=VOCABULARY):
     """A CLIP byte-level BPE tokenizer whose merges make each vocabulary word one token."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
     from transformers import CLIPTokenizer
 
-    tok = Tokenizer(BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token=CLIP_EOS, fuse_unk=False))
+    merges = _whole_word_merges(vocabulary)  # the words are ASCII, where byte-level symbols are the letters
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = [CLIP_BOS, CLIP_EOS] + alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                        unk_token=CLIP_EOS, fuse_unk=False))
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    # Merges learnt until every word is whole: replaying them on a training word reproduces it.
-    trainer = trainers.BpeTrainer(vocab_size=1 << 20, min_frequency=0, special_tokens=[CLIP_BOS, CLIP_EOS],
-                                  end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(sorted(vocabulary), trainer)
-    tok.post_processor = processors.RobertaProcessing(
-        (CLIP_EOS, tok.token_to_id(CLIP_EOS)), (CLIP_BOS, tok.token_to_id(CLIP_BOS)),
-        trim_offsets=False, add_prefix_space=False)
+    tok.post_processor = processors.RobertaProcessing((CLIP_EOS, vocab[CLIP_EOS]), (CLIP_BOS, vocab[CLIP_BOS]),
+                                                      trim_offsets=False, add_prefix_space=False)
     return _save_and_load(CLIPTokenizer, tok, folder, {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": CLIP_BOS,
         "eos_token": CLIP_EOS, "pad_token": CLIP_EOS, "unk_token": CLIP_EOS, "do_lower_case": True})
@@ -206,6 +232,12 @@ def save_pipeline(pipe, folder: Path, transformer_dtype: torch.dtype = torch.bfl
         pipe.save_pretrained(str(folder), safe_serialization=True, max_shard_size="15MB")
     finally:
         pipe.transformer = transformer.float()
+    # transformers 5 saves T5TokenizerFast under its v5 name, T5Tokenizer, which transformers 4 reads as
+    # the SentencePiece tokenizer; FLUX's own folders name the class that loads tokenizer.json in both.
+    index_path = Path(folder) / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def load_pipeline(folder: Path, device: str = "cpu"):

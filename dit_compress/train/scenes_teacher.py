@@ -35,7 +35,7 @@ SAMPLING = {"num_inference_steps": 20, "true_cfg_scale": 4.0, "negative_prompt":
             "max_sequence_length": SCENES_FLUX.t5_max_length, "height": 32, "width": 32}
 # The default runs. GPU: the whole training in a few minutes on an H200. CPU: what two cores finish
 # in about an hour; a weaker teacher than the GPU run (fewer, smaller batches).
-GPU_RUN = {"vae_steps": 3000, "vae_batch": 256, "steps": 6000, "batch": 512, "n_train": 32768}
+GPU_RUN = {"vae_steps": 3000, "vae_batch": 256, "steps": 6000, "batch": 1024, "n_train": 32768}
 CPU_RUN = {"vae_steps": 600, "vae_batch": 64, "steps": 1500, "batch": 64, "n_train": 8192}
 
 
@@ -60,7 +60,7 @@ def _autocast(device: str):
 def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, device: str,
               lr: float = 1e-3, kl_weight: float = 1e-6) -> float:
     """Reconstruction (MSE) plus a small KL term; returns the mean loss of the last 100 steps."""
-    vae.to(device).train()
+    vae.to(device).train().requires_grad_(True)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps, 100))
@@ -137,7 +137,7 @@ def train_transformer(pipe, latents: torch.Tensor, caption_ids: torch.Tensor, te
     by `caption_ids`, whose last row is the empty prompt."""
     from diffusers import FluxPipeline
 
-    model = pipe.transformer.to(device).train()
+    model = pipe.transformer.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     seq_table, pooled_table = (t.to(device) for t in text)
     n, c, h, w = latents.shape
