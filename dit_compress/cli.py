@@ -474,8 +474,8 @@ def _gate_rules(raw, where: Path) -> list[dict]:
 
 @main.command("zoo-train")
 @click.option("--out", type=click.Path(path_type=Path), help="Zoo folder (default: the package's own).")
-@click.option("--steps", type=int, help="Training steps (default: 6000 for digit teachers, the device's schedule "
-                                         "for pipeline teachers).")
+@click.option("--steps", type=int, default=None,
+              help="Training steps (default: 6000 for digit teachers, the device's schedule for pipeline teachers).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--only", help="Retrain just this teacher (e.g. digits-sd3), keeping the classifier.")
 def zoo_train(out: Path | None, steps: int | None, seed: int, only: str | None) -> None:
