@@ -1,6 +1,7 @@
 """Train the bundled Flux pipeline teacher `zoo:scenes-flux` on one CUDA GPU within a wall-clock budget.
 
     python benchmarks/gpu_train_scenes_flux.py --out DIR [--budget-s 270] [--seed 0]
+    python benchmarks/gpu_train_scenes_flux.py --out DIR --smoke   # the tiny build on CPU, seconds
 
 A short probe first times the VAE's and the transformer's training steps (the difference between a 10-
 and a 40-step run, so start-up costs cancel), then fixes step counts that fit `--budget-s` (a fifth to
@@ -24,36 +25,38 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_compress.data.scenes import scene_split  # noqa: E402
-from dit_compress.models.scenes_pipeline import SCENES_FLUX, build_pipeline  # noqa: E402
+from dit_compress.models.scenes_pipeline import SCENES_FLUX, ScenesFluxConfig, build_pipeline  # noqa: E402
 from dit_compress.train import scenes_teacher as st  # noqa: E402
 
 PART_BYTES = 15 * 2 ** 20
 
 
-def _seconds_per_step(run, short: int = 10, long: int = 40) -> float:
+def _seconds_per_step(run, device: str, short: int = 10, long: int = 40) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for steps in (short, long):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         run(steps)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return max((times[1] - times[0]) / (long - short), 1e-4)
 
 
-def probe(seed: int, vae_batch: int, batch: int) -> tuple[float, float]:
+def probe(cfg: ScenesFluxConfig, seed: int, vae_batch: int, batch: int, device: str) -> tuple[float, float]:
     """Seconds per VAE step and per transformer step at these batch sizes, on throwaway models."""
-    pipe = build_pipeline(SCENES_FLUX, seed)
-    pipe.text_encoder.to("cuda")
-    pipe.text_encoder_2.to("cuda")
+    pipe = build_pipeline(cfg, seed)
+    pipe.text_encoder.to(device)
+    pipe.text_encoder_2.to(device)
     data = scene_split("train", n=512, seed=seed)
     images = st._to_unit(data.images)
-    vae_s = _seconds_per_step(lambda n: st.train_vae(pipe.vae, images, n, vae_batch, seed, "cuda"))
-    latents = torch.randn(len(images), SCENES_FLUX.latent_channels, 8, 8, device="cuda")
+    vae_s = _seconds_per_step(lambda n: st.train_vae(pipe.vae, images, n, vae_batch, seed, device), device)
+    latents = torch.randn(len(images), cfg.latent_channels, cfg.latent_size, cfg.latent_size, device=device)
     captions = sorted(set(data.captions))
-    text = st.encode_captions(pipe, captions + [""], SCENES_FLUX.t5_max_length, "cuda")
+    text = st.encode_captions(pipe, captions + [""], cfg.t5_max_length, device)
     ids = torch.tensor([captions.index(c) for c in data.captions])
-    flux_s = _seconds_per_step(lambda n: st.train_transformer(pipe, latents, ids, text, n, batch, seed, "cuda"))
+    flux_s = _seconds_per_step(lambda n: st.train_transformer(pipe, latents, ids, text, n, batch, seed, device),
+                               device)
     return vae_s, flux_s
 
 
@@ -76,23 +79,30 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=270.0, help="VAE + transformer training seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/scenes-flux"), help="where the folder is built")
+    parser.add_argument("--smoke", action="store_true", help="check the script: tiny build, CPU, small batches")
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "this script trains on CUDA"
+    device, cfg, run = "cuda", SCENES_FLUX, dict(st.GPU_RUN)
+    if args.smoke:
+        device, cfg = "cpu", ScenesFluxConfig.tiny()
+        run.update(vae_batch=8, batch=8, n_train=256)
+    assert device == "cpu" or torch.cuda.is_available(), "this script trains on CUDA"
     start = time.time()
-    run = dict(st.GPU_RUN)
-    vae_s, flux_s = probe(args.seed, run["vae_batch"], run["batch"])
+    vae_s, flux_s = probe(cfg, args.seed, run["vae_batch"], run["batch"], device)
     run["vae_steps"] = min(run["vae_steps"], int(0.2 * args.budget_s / vae_s))
     run["steps"] = min(run["steps"], int(0.72 * args.budget_s / flux_s))
     print(json.dumps({"probe_s_per_step": {"vae": round(vae_s, 4), "transformer": round(flux_s, 4)},
                       "probe_wall_s": round(time.time() - start, 1), "run": run}), flush=True)
-    metrics = st.train_scenes_flux(args.work, device="cuda", seed=args.seed, **run)
-    metrics["probe_s_per_step"] = {"vae": round(vae_s, 5), "transformer": round(flux_s, 5)}
-    metrics["script_wall_s"] = round(time.time() - start, 1)
-    (args.work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    metrics["parts"] = split_tar(args.work, args.out)
-    print(json.dumps(metrics, indent=2))
+    try:
+        metrics = st.train_scenes_flux(args.work, device=device, seed=args.seed, cfg=cfg, **run)
+        metrics["probe_s_per_step"] = {"vae": round(vae_s, 5), "transformer": round(flux_s, 5)}
+        metrics["script_wall_s"] = round(time.time() - start, 1)
+        (args.work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(json.dumps(metrics, indent=2))
+    finally:  # whatever was written (the pipeline is saved before the adherence check) comes back
+        if args.work.is_dir():
+            print("parts:", split_tar(args.work, args.out))
 
 
 if __name__ == "__main__":

@@ -264,11 +264,11 @@ def train_scenes_flux(out_dir: Path, device: str = "cpu", steps: int | None = No
     pipe.transformer = ema
     transformer_s = time.time() - t0
 
+    pipe.to("cpu")
+    save_pipeline(pipe, out_dir)
     t0 = time.time()
     adherence = measured_adherence(pipe.to(device), adherence_seeds) if adherence_seeds else None
     adherence_s = time.time() - t0
-    pipe.to("cpu")
-    save_pipeline(pipe, out_dir)
     metrics = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "seed": seed, "train_renders": n_train, "distinct_train_captions": len(captions),
