@@ -35,12 +35,12 @@ SAMPLING = {"num_inference_steps": 20, "true_cfg_scale": 4.0, "negative_prompt":
             "max_sequence_length": SCENES_FLUX.t5_max_length, "height": 32, "width": 32}
 # The default runs. GPU: caps for benchmarks/gpu_train_scenes_flux.py, which fits the step counts to
 # a time budget (VAE + transformer in about 4.5 minutes on an H200). CPU: what two cores finish in
-# about an hour: 1-2 % of the GPU run's training samples, so a much weaker teacher that is not
-# expected to reach the adherence targets. Measured on this project's shared 2-core machine under
-# load: a VAE step at batch 32 took 5.9 s, a transformer step at batch 64 7.5-25 s; the full GPU
-# schedule would take days there (about 10 PFLOP of transformer training).
+# about an hour, under 1 % of the GPU run's training samples: a much weaker teacher, not expected to
+# reach the adherence targets. Measured on this project's shared 2-core machine under load: a VAE
+# step at batch 32 took 3.8-5.9 s, a transformer step at batch 32 about 8.7 s (5-12 s), so this
+# schedule takes about 55 minutes there; the GPU schedule would take weeks.
 GPU_RUN = {"vae_steps": 3000, "vae_batch": 256, "steps": 6000, "batch": 1024, "n_train": 32768}
-CPU_RUN = {"vae_steps": 200, "vae_batch": 32, "steps": 400, "batch": 32, "n_train": 8192}
+CPU_RUN = {"vae_steps": 200, "vae_batch": 32, "steps": 300, "batch": 32, "n_train": 8192}
 
 
 def _to_unit(images: np.ndarray) -> torch.Tensor:
