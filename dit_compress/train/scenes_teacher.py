@@ -38,7 +38,7 @@ SAMPLING = {"num_inference_steps": 20, "true_cfg_scale": 4.0, "negative_prompt":
 # about an hour, under 1 % of the GPU run's training samples: a much weaker teacher, not expected to
 # reach the adherence targets. Measured on this project's shared 2-core machine under load: a VAE
 # step at batch 32 took 3.8-5.9 s, a transformer step at batch 32 about 8.7 s (5-12 s), so this
-# schedule takes about 55 minutes there; the GPU schedule would take weeks.
+# schedule takes about 55 minutes there; the GPU schedule would take about two weeks.
 GPU_RUN = {"vae_steps": 3000, "vae_batch": 256, "steps": 6000, "batch": 1024, "n_train": 32768}
 CPU_RUN = {"vae_steps": 200, "vae_batch": 32, "steps": 300, "batch": 32, "n_train": 8192}
 
