@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dit_compress.data.scenes import HELDOUT_PROMPTS, VOCABULARY
+from dit_compress.evaluate.adherence import evaluate_adherence
 from dit_compress.models.scenes_pipeline import (SCENES_FLUX, ScenesFluxConfig, build_clip_tokenizer,
                                                  build_pipeline, build_t5_tokenizer, build_transformer,
                                                  build_vae, save_pipeline)
@@ -71,14 +72,16 @@ def test_tiny_pipeline_folder_loads_with_plain_flux_pipeline_and_generates(tiny_
                    negative_prompt="", true_cfg_scale=3.0, output_type="latent").images
     assert latents.shape == (1, (TINY.latent_size // 2) ** 2, 4 * TINY.latent_channels)  # 8x8 latents, 2x2 packed
 
+    sampling = {"num_inference_steps": 2, "true_cfg_scale": 2.0, "negative_prompt": "",
+                "max_sequence_length": TINY.t5_max_length, "height": 32, "width": 32}
     prompts = [text for _, text in HELDOUT_PROMPTS[:3]]
-    images = generate_images(pipe, prompts, seed=0, sampling={
-        "num_inference_steps": 2, "true_cfg_scale": 2.0, "negative_prompt": "",
-        "max_sequence_length": TINY.t5_max_length, "height": 32, "width": 32})
+    images = generate_images(pipe, prompts, seed=0, sampling=sampling)
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
-    assert np.array_equal(images[:2], generate_images(pipe, prompts[:2], seed=0, sampling={
-        "num_inference_steps": 2, "true_cfg_scale": 2.0, "negative_prompt": "",
-        "max_sequence_length": TINY.t5_max_length, "height": 32, "width": 32}))
+    assert np.array_equal(images[:2], generate_images(pipe, prompts[:2], seed=0, sampling=sampling))
+    # The evaluator's `generate`: an untrained pipeline gets every attribute right only by chance.
+    result = evaluate_adherence(lambda p, s: generate_images(pipe, p, s, sampling=sampling), seeds=(0,),
+                                prompts=HELDOUT_PROMPTS[:20], real_draws=1)
+    assert 0 <= result["all"]["mean"] < 0.5
 
 
 def test_bundled_configuration_is_deep_and_fits_the_size_limits():

@@ -160,6 +160,11 @@ def _digit_inks(split: str) -> tuple[np.ndarray, np.ndarray]:
     return ((data.images[:, 0].numpy() + 1) / 2).clip(0, 1), data.labels.numpy()
 
 
+def render_scenes(scenes: list[Scene], split: str, seed: int = 0) -> np.ndarray:
+    """Renders of given scenes, with digit images of `split` drawn by `seed`."""
+    return _render_all(scenes, split, np.random.default_rng([seed, 3]))
+
+
 def _render_all(scenes: list[Scene], split: str, rng: np.random.Generator) -> np.ndarray:
     inks, labels = _digit_inks(split)
     by_label = [np.flatnonzero(labels == d) for d in range(10)]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.scenes import HELDOUT_PROMPTS, parse_caption, scene_split
+from ..data.scenes import scene_split
 from ..models.scenes_pipeline import SCENES_FLUX, ScenesFluxConfig, build_pipeline, save_pipeline
 
 CAPTION_DROPOUT = 0.1
@@ -202,32 +202,14 @@ def generate_images(pipe, prompts: list[str], seed: int, sampling: dict = SAMPLI
     return np.concatenate(out)
 
 
-def measured_adherence(pipe, seeds=(0, 1)) -> dict:
-    """Per-attribute accuracy on the fixed held-out prompts for the pixel-measured attributes (size,
-    colour, position, background; the digit needs the evaluator's classifier), mean and spread over seeds."""
-    from ..evaluate.adherence import measure
-
-    prompts = [text for _, text in HELDOUT_PROMPTS]
-    wanted = [parse_caption(text) for text in prompts]
-    names = ("size", "colour", "position", "background")
-    per_seed = []
-    for seed in seeds:
-        got = [measure(image) for image in generate_images(pipe, prompts, seed)]
-        hits = np.array([[getattr(m, a) == getattr(w, a) for a in names] for m, w in zip(got, wanted)])
-        per_seed.append({**{a: hits[:, j].mean() for j, a in enumerate(names)}, "all_measured": hits.all(1).mean()})
-    return {key: {"mean": round(float(np.mean([r[key] for r in per_seed])), 4),
-                  "std": round(float(np.std([r[key] for r in per_seed])), 4)} for key in per_seed[0]} | {
-        "prompts": len(prompts), "seeds": list(seeds)}
-
-
 def train_scenes_flux(out_dir: Path, device: str = "cpu", steps: int | None = None, seed: int = 0,
                       vae_steps: int | None = None, batch: int | None = None, vae_batch: int | None = None,
-                      n_train: int | None = None, heldout_renders: int = 1024, adherence_seeds=(0, 1),
+                      n_train: int | None = None, heldout_renders: int = 1024, adherence_seeds=(0, 1, 2),
                       cfg: ScenesFluxConfig = SCENES_FLUX) -> dict:
     """Train VAE then transformer and write the pipeline folder, its zoo card and metrics.json.
 
-    Unset sizes come from GPU_RUN on CUDA and CPU_RUN otherwise; `adherence_seeds=()` skips sampling the
-    held-out prompts."""
+    Unset sizes come from GPU_RUN on CUDA and CPU_RUN otherwise. Prompt adherence on the held-out prompts
+    (`evaluate/adherence.py`) is measured over `adherence_seeds`; `()` skips it."""
     defaults = GPU_RUN if device.startswith("cuda") else CPU_RUN
     steps = defaults["steps"] if steps is None else steps
     vae_steps = defaults["vae_steps"] if vae_steps is None else vae_steps
@@ -267,7 +249,12 @@ def train_scenes_flux(out_dir: Path, device: str = "cpu", steps: int | None = No
     pipe.to("cpu")
     save_pipeline(pipe, out_dir)
     t0 = time.time()
-    adherence = measured_adherence(pipe.to(device), adherence_seeds) if adherence_seeds else None
+    adherence = None
+    if adherence_seeds:
+        from ..evaluate.adherence import evaluate_adherence
+
+        pipe.to(device)
+        adherence = evaluate_adherence(lambda prompts, s: generate_images(pipe, prompts, s), seeds=adherence_seeds)
     adherence_s = time.time() - t0
     metrics = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -282,7 +269,7 @@ def train_scenes_flux(out_dir: Path, device: str = "cpu", steps: int | None = No
                     "adherence": round(adherence_s, 1), "total": round(time.time() - start, 1)},
         "weights_mb": round(sum(p.stat().st_size for p in out_dir.rglob("*.safetensors")) / 2 ** 20, 2),
         "sampling": SAMPLING,
-        "measured_adherence": adherence,
+        "adherence": adherence,
     }
     card = {
         "name": "scenes-flux",

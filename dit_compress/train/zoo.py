@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..data.digits import NUM_CLASSES, load_digits_split
 from ..models.classifier import DigitClassifier
 from ..models.load import DEFAULT_SCHEDULER
+from ..models.scene_classifier import train_scene_classifier
 from ..sampling import NoiseSchedule, sample_batched
 from .schedule import cosine_decay, warmup
 
@@ -166,6 +167,7 @@ def train_zoo(out: Path, steps: int | None = None, seed: int = 0, only: str | No
     result = {}
     if only is None:
         result["classifier"] = train_classifier(out / "digits-classifier", seed=seed)
+        result["scenes-classifier"] = train_scene_classifier(out / "scenes-classifier", seed=seed)
     classifier = DigitClassifier.load(out / "digits-classifier")
     for name, spec in TEACHERS.items():
         if only not in (None, name):
