@@ -474,16 +474,18 @@ def _gate_rules(raw, where: Path) -> list[dict]:
 
 @main.command("zoo-train")
 @click.option("--out", type=click.Path(path_type=Path), help="Zoo folder (default: the package's own).")
-@click.option("--steps", type=int, default=6000, show_default=True)
+@click.option("--steps", type=int, default=None,
+              help="Training steps (default: 6000 for digit teachers, the device's schedule for pipeline teachers).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--only", help="Retrain just this teacher (e.g. digits-sd3), keeping the classifier.")
-def zoo_train(out: Path | None, steps: int, seed: int, only: str | None) -> None:
+def zoo_train(out: Path | None, steps: int | None, seed: int, only: str | None) -> None:
     """Retrain the bundled digits classifier and teachers (about 30 CPU minutes each)."""
     from .models.load import ZOO_DIR
-    from .train.zoo import TEACHERS, train_zoo
+    from .train.zoo import PIPELINE_TEACHERS, TEACHERS, train_zoo
 
-    if only is not None and only not in TEACHERS:
-        raise click.BadParameter(f"unknown teacher {only!r}; choose from {', '.join(TEACHERS)}", param_hint="--only")
+    names = [*TEACHERS, *PIPELINE_TEACHERS]
+    if only is not None and only not in names:
+        raise click.BadParameter(f"unknown teacher {only!r}; choose from {', '.join(names)}", param_hint="--only")
     click.echo(json.dumps(train_zoo(out or ZOO_DIR, steps=steps, seed=seed, only=only), indent=2))
 
 

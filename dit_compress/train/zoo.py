@@ -2,9 +2,11 @@
 
     ditc zoo-train                        # classifier + every teacher into dit_compress/models/zoo/
     ditc zoo-train --only digits-sd3      # one teacher, keeping the classifier
+    ditc zoo-train --only scenes-flux     # the Flux pipeline teacher (train/scenes_teacher.py)
     ditc zoo-train --steps 300 --out DIR  # a quick smoke run elsewhere
 
-Seeded and CPU-only; each teacher takes about half an hour on two cores.
+Seeded; each digit teacher takes about half an hour on two CPU cores. The pipeline teacher trains on
+CUDA when there is a GPU (minutes) and otherwise runs a shorter CPU schedule (see scenes_teacher).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ TEACHERS = {
                        "a learned label embedding through encoder_hidden_states and pooled projections",
     },
 }
+# Text-to-image pipeline teachers, each trained by its own module.
+PIPELINE_TEACHERS = {"scenes-flux": "FluxPipeline for digit scenes, train/scenes_teacher.py"}
+DEFAULT_STEPS = 6000
 SAMPLING = {"steps": 16, "guidance_scale": 2.0}
 LABEL_DROPOUT = 0.1
 
@@ -153,8 +158,11 @@ def guided_accuracy(folder: Path, classifier: DigitClassifier, n_per_class: int 
         return (classifier(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
 
 
-def train_zoo(out: Path, steps: int = 6000, seed: int = 0, only: str | None = None) -> dict:
-    """Train the classifier (unless `only` names one teacher) and the teachers into `out`."""
+def train_zoo(out: Path, steps: int | None = None, seed: int = 0, only: str | None = None) -> dict:
+    """Train the classifier (unless `only` names one teacher) and the teachers into `out`.
+
+    `steps` defaults to DEFAULT_STEPS for the digit teachers and to the device's schedule for the
+    pipeline teachers."""
     out = Path(out)
     result = {}
     if only is None:
@@ -164,7 +172,7 @@ def train_zoo(out: Path, steps: int = 6000, seed: int = 0, only: str | None = No
     for name, spec in TEACHERS.items():
         if only not in (None, name):
             continue
-        meta = train_teacher(out / name, name, steps=steps, seed=seed)
+        meta = train_teacher(out / name, name, steps=steps or DEFAULT_STEPS, seed=seed)
         card = {
             "name": name,
             "description": spec["description"] + ", trained with rectified flow on scikit-learn digits "
@@ -182,4 +190,9 @@ def train_zoo(out: Path, steps: int = 6000, seed: int = 0, only: str | None = No
         meta["guided_accuracy_500"] = round(guided_accuracy(out / name, classifier), 4)
         (out / name / "ditc_zoo.json").write_text(json.dumps(card, indent=2) + "\n")
         result[name] = meta
+    if only in (None, "scenes-flux"):
+        from .scenes_teacher import train_scenes_flux
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        result["scenes-flux"] = train_scenes_flux(out / "scenes-flux", device=device, steps=steps, seed=seed)
     return result
