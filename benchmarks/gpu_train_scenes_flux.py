@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_compress.data.scenes import scene_split  # noqa: E402
-from dit_compress.models.scenes_pipeline import SCENES_FLUX, ScenesFluxConfig, build_pipeline  # noqa: E402
+from dit_compress.evaluate.adherence import evaluate_adherence  # noqa: E402
+from dit_compress.train.scenes_pipeline import SCENES_FLUX, ScenesFluxConfig, build_pipeline  # noqa: E402
 from dit_compress.train import scenes_teacher as st  # noqa: E402
 
 PART_BYTES = 15 * 2 ** 20
@@ -94,7 +95,7 @@ def main() -> None:
                       "probe_wall_s": round(time.time() - start, 1), "run": run}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        metrics = st.train_scenes_flux(args.work, device=device, seed=args.seed, cfg=cfg, **run)
+        metrics = st.train_scenes_flux(args.work, device=device, seed=args.seed, cfg=cfg, measure=evaluate_adherence, **run)
         metrics["probe_s_per_step"] = {"vae": round(vae_s, 5), "transformer": round(flux_s, 5)}
         metrics["script_wall_s"] = round(time.time() - start, 1)
         (args.work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -486,7 +486,10 @@ def zoo_train(out: Path | None, steps: int | None, seed: int, only: str | None) 
     names = [*TEACHERS, *PIPELINE_TEACHERS]
     if only is not None and only not in names:
         raise click.BadParameter(f"unknown teacher {only!r}; choose from {', '.join(names)}", param_hint="--only")
-    click.echo(json.dumps(train_zoo(out or ZOO_DIR, steps=steps, seed=seed, only=only), indent=2))
+    from .evaluate.adherence import evaluate_adherence
+
+    click.echo(json.dumps(train_zoo(out or ZOO_DIR, steps=steps, seed=seed, only=only,
+                                    measure=evaluate_adherence), indent=2))
 
 
 ADAPT_METHODS = ["td_lora", "diffscaler", "lora", "full"]

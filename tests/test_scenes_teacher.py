@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dit_compress.data.scenes import HELDOUT_PROMPTS, VOCABULARY
 from dit_compress.evaluate.adherence import evaluate_adherence
-from dit_compress.models.scenes_pipeline import (SCENES_FLUX, ScenesFluxConfig, build_clip_tokenizer,
+from dit_compress.train.scenes_pipeline import (SCENES_FLUX, ScenesFluxConfig, build_clip_tokenizer,
                                                  build_pipeline, build_t5_tokenizer, build_transformer,
                                                  build_vae, save_pipeline)
 from dit_compress.train.scenes_teacher import generate_images, train_scenes_flux
@@ -99,7 +99,7 @@ def _weights(folder):
 
 
 def test_training_runs_writes_the_folder_and_is_deterministic(tmp_path):
-    kwargs = dict(steps=2, vae_steps=2, batch=4, vae_batch=4, n_train=32, heldout_renders=8, adherence_seeds=(),
+    kwargs = dict(steps=2, vae_steps=2, batch=4, vae_batch=4, n_train=32, heldout_renders=8,
                   cfg=TINY, seed=3)
     metrics = train_scenes_flux(tmp_path / "a", **kwargs)
     train_scenes_flux(tmp_path / "b", **kwargs)

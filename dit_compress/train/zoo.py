@@ -158,8 +158,12 @@ def guided_accuracy(folder: Path, classifier: DigitClassifier, n_per_class: int 
         return (classifier(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
 
 
-def train_zoo(out: Path, steps: int | None = None, seed: int = 0, only: str | None = None) -> dict:
+def train_zoo(out: Path, steps: int | None = None, seed: int = 0, only: str | None = None,
+              measure=None) -> dict:
     """Train the classifier (unless `only` names one teacher) and the teachers into `out`.
+
+    `measure(generate) -> dict` scores a pipeline teacher's prompt adherence (the CLI passes the
+    evaluator, which sits above training).
 
     `steps` defaults to DEFAULT_STEPS for the digit teachers and to the device's schedule for the
     pipeline teachers."""
@@ -194,5 +198,6 @@ def train_zoo(out: Path, steps: int | None = None, seed: int = 0, only: str | No
         from .scenes_teacher import train_scenes_flux
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        result["scenes-flux"] = train_scenes_flux(out / "scenes-flux", device=device, steps=steps, seed=seed)
+        result["scenes-flux"] = train_scenes_flux(out / "scenes-flux", device=device, steps=steps, seed=seed,
+                                                   measure=measure)
     return result
