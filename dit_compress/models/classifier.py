@@ -14,7 +14,28 @@ from ..errors import CheckpointError
 FEATURE_DIM = 64
 
 
-class DigitClassifier(nn.Module):
+class StoredClassifier(nn.Module):
+    """A bundled evaluator network: safetensors weights + a config.json of facts, in one folder."""
+
+    what = "classifier"
+
+    def save(self, folder: Path, meta: dict) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_dict(), str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path):
+        weights = Path(folder) / "model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{cls.what} weights missing: {weights} (retrain with `ditc zoo-train`)")
+        model = cls()
+        model.load_state_dict(load_file(str(weights)))
+        return model.eval()
+
+
+class DigitClassifier(StoredClassifier):
     """Conv net for 1x16x16 digits in [-1, 1]; `features` is the 64-d penultimate activation."""
 
     def __init__(self, num_classes: int = 10):
@@ -33,16 +54,3 @@ class DigitClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
-    def save(self, folder: Path, meta: dict) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict(), str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, folder: Path) -> "DigitClassifier":
-        weights = Path(folder) / "model.safetensors"
-        if not weights.is_file():
-            raise CheckpointError(f"classifier weights missing: {weights} (retrain with `ditc zoo-train`)")
-        model = cls()
-        model.load_state_dict(load_file(str(weights)))
-        return model.eval()

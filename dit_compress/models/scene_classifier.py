@@ -4,14 +4,10 @@ Fréchet distance. Trained by `train/scene_classifier.py`."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from .classifier import StoredClassifier
 
 FEATURE_DIM = 64
 
@@ -20,8 +16,10 @@ def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
-class SceneClassifier(nn.Module):
+class SceneClassifier(StoredClassifier):
     """Conv net over (N, 3, 16, 16) digit crops; `features` is the 64-d penultimate activation."""
+
+    what = "scene classifier"
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -37,17 +35,3 @@ class SceneClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
-    def save(self, folder: Path, meta: dict) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict(), str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, folder: Path) -> "SceneClassifier":
-        weights = Path(folder) / "model.safetensors"
-        if not weights.is_file():
-            raise CheckpointError(f"scene classifier weights missing: {weights} (retrain with `ditc zoo-train`)")
-        model = cls()
-        model.load_state_dict(load_file(str(weights)))
-        return model.eval()
