@@ -52,13 +52,16 @@ def sample(
     noise: torch.Tensor,
     steps: int,
     guidance_scale: float = 1.0,
+    null: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Integrate from `noise` to a sample with the scheduler; classifier-free guidance if scale != 1."""
+    """Integrate from `noise` to a sample with the scheduler, on the timesteps the family's pipeline
+    sets; classifier-free guidance if scale != 1, against `null` (the encoded negative prompt of a
+    text pipeline; default: the family's empty condition)."""
     scheduler = schedule.new_scheduler()
-    scheduler.set_timesteps(steps)
+    adapter.set_timesteps(scheduler, steps)
     guided = guidance_scale != 1.0
     if guided:
-        null = adapter.null_conditions(cond)
+        null = null if null is not None else adapter.null_conditions(cond)
         cond = {k: torch.cat([cond[k], null[k]]) for k in cond}
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
@@ -73,7 +76,7 @@ def sample(
 
 
 def sample_batched(model, adapter, schedule, cond, noise, steps, guidance_scale=1.0, batch_size=256,
-                   desc: str | None = None):
+                   desc: str | None = None, null: dict | None = None):
     """`sample` in chunks, so memory stays flat for large evaluation sets; `desc` shows progress."""
     from tqdm.auto import tqdm
 
@@ -81,5 +84,6 @@ def sample_batched(model, adapter, schedule, cond, noise, steps, guidance_scale=
     starts = range(0, noise.shape[0], batch_size)
     for i in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
         c = {k: v[i : i + batch_size] for k, v in cond.items()}
-        outs.append(sample(model, adapter, schedule, c, noise[i : i + batch_size], steps, guidance_scale))
+        n = {k: v[i : i + batch_size] for k, v in null.items()} if null is not None else None
+        outs.append(sample(model, adapter, schedule, c, noise[i : i + batch_size], steps, guidance_scale, n))
     return torch.cat(outs)

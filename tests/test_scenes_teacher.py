@@ -72,7 +72,7 @@ def test_tiny_pipeline_folder_loads_with_plain_flux_pipeline_and_generates(tiny_
                    negative_prompt="", true_cfg_scale=3.0, output_type="latent").images
     assert latents.shape == (1, (TINY.latent_size // 2) ** 2, 4 * TINY.latent_channels)  # 8x8 latents, 2x2 packed
 
-    sampling = {"num_inference_steps": 2, "true_cfg_scale": 2.0, "negative_prompt": "",
+    sampling = {"steps": 2, "guidance_scale": 2.0, "negative_prompt": "",
                 "max_sequence_length": TINY.t5_max_length, "height": 32, "width": 32}
     prompts = [text for _, text in HELDOUT_PROMPTS[:3]]
     images = generate_images(pipe, prompts, seed=0, sampling=sampling)

@@ -19,6 +19,7 @@ from .. import __version__
 from ..errors import CheckpointError
 from ..models.families import get_adapter
 from ..models.load import LoadedModel, build_from_config, load_weights_
+from ..models.pipeline import TextPipeline
 from ..train.trainable import replay
 from .stage import Plan, get_stage
 
@@ -51,16 +52,23 @@ def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
         "latent_size": model_spec.get("latent_size") or teacher.latent_size,
         "scheduler_config": teacher.scheduler_config,
         "card": teacher.card,
+        "pipeline": teacher.pipeline.record() if teacher.pipeline else None,
     }
 
 
 CONDITIONER = "conditioner"
+DIFFUSERS = "diffusers"
+PIPELINE = "pipeline"
 
 
 def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[StageRecord],
                     recipe_hash: str | None = None, extra: dict | None = None,
-                    conditioner: nn.Module | None = None) -> Path:
-    """Write the checkpoint atomically: a reader never sees a half-written folder."""
+                    conditioner: nn.Module | None = None, pipeline: TextPipeline | None = None) -> Path:
+    """Write the checkpoint atomically: a reader never sees a half-written folder.
+
+    With the teacher's `pipeline`, the checkpoint also carries `pipeline/`: that pipeline with the
+    compressed transformer in place (loadable by stock `from_pretrained` while the transformer is
+    a stock class, else by `dit_compress.load_pipeline`)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
@@ -79,9 +87,11 @@ def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[Sta
     if conditioner is not None:  # tiny, and it makes the checkpoint self-contained
         conditioner.save(tmp / CONDITIONER)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if all(get_stage(s.name).is_stock(s.plan) and not s.attached for s in stages):
-        # Still a stock diffusers class: also a folder that plain `from_pretrained` loads.
-        model.save_pretrained(tmp / "diffusers")
+    stock = all(get_stage(s.name).is_stock(s.plan) and not s.attached for s in stages)
+    if stock:  # still a stock diffusers class: also a folder that plain `from_pretrained` loads
+        model.save_pretrained(tmp / DIFFUSERS)
+    if pipeline is not None:
+        pipeline.write(tmp / PIPELINE, tmp / DIFFUSERS if stock else None)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -121,8 +131,10 @@ def load_compressed(folder: str | Path) -> LoadedModel:
         model = _replay_stages(model, manifest["stages"], adapter, folder)
     load_weights_(model, folder / WEIGHTS, "the architecture replayed from the manifest", assign=True)
     model.eval().requires_grad_(False)
-    return LoadedModel(model, adapter, base["scheduler_config"], f"compressed:{folder}", base.get("card") or {},
-                       base.get("latent_size"), conditioner)
+    card = base.get("card") or {}
+    pipeline = TextPipeline.find(folder / PIPELINE, card)
+    return LoadedModel(model, adapter, base["scheduler_config"], f"compressed:{folder}", card,
+                       base.get("latent_size"), conditioner, pipeline)
 
 
 def _replay_stages(model: nn.Module, stages: list[dict], adapter, folder: Path) -> nn.Module:
@@ -145,3 +157,16 @@ def load_any(source: str | Path, latent_size: int | None = None) -> LoadedModel:
     if (Path(source) / MANIFEST).is_file():
         return load_compressed(source)
     return load_transformer(str(source), latent_size=latent_size)
+
+
+def load_pipeline(folder: str | Path, device: str = "cpu"):
+    """A compressed checkpoint (or its `pipeline/` folder) as a stock diffusers pipeline object: the
+    teacher's text encoders, VAE and scheduler around the compressed transformer, whatever stages
+    it went through."""
+    folder = Path(folder)
+    if folder.name == PIPELINE and (folder.parent / MANIFEST).is_file():
+        folder = folder.parent
+    student = load_compressed(folder)
+    if student.pipeline is None:
+        raise CheckpointError(f"{folder}: the checkpoint carries no pipeline/ (its teacher was a bare transformer)")
+    return student.pipeline.with_transformer(student.model).to(device)

@@ -90,7 +90,7 @@ def run_stages(recipe: Recipe, teacher: LoadedModel, calib, work: Path, meter: P
                 return
             variants[label] = save_compressed(
                 variant_dir / label, variant, base, [*_prior, StageRecord(_name, _config, plan)], recipe.hash,
-                {"variant": label}, teacher.conditioner)
+                {"variant": label}, teacher.conditioner, teacher.pipeline)
 
         if state.is_main_process:
             shutil.rmtree(variant_dir, ignore_errors=True)
@@ -214,7 +214,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None 
     records = [StageRecord(s["name"], s["config"], s["plan"], s.get("attached")) for s in summaries]
     with meter("checkpoints"):
         ckpt = save_compressed(out / "checkpoint", student.model, base, records, recipe.hash,
-                               {"recipe": recipe.to_dict(), "summaries": summaries}, teacher.conditioner)
+                               {"recipe": recipe.to_dict(), "summaries": summaries}, teacher.conditioner,
+                               teacher.pipeline)
     published = {}
     for label, folder in variants.items():
         published[label] = out / "variants" / label
@@ -342,7 +343,7 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int = 300
         return out
     carried = {k: manifest[k] for k in ("recipe", "summaries") if k in manifest}
     return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"), carried,
-                           student.conditioner)
+                           student.conditioner, student.pipeline)
 
 
 def analyse(model_spec: dict, out: str | Path, calibration: CalibrationSpec | None = None) -> dict:

@@ -20,6 +20,7 @@ same parts of a student copy.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -192,6 +193,20 @@ def _feedforward(block: nn.Module, prefix: str, attr: str, stream: str) -> FFNVi
     return FFNView(path, attr, stream, "feedforward", f"{path}.net.0.proj", f"{path}.net.2", ff.net[2].in_features)
 
 
+def _shift_mu(image_tokens: int, c) -> float:
+    """FLUX's and SD3's resolution-dependent shift: linear in the token count between two anchors."""
+    x0, x1 = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    y0, y1 = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    return y0 + (image_tokens - x0) * (y1 - y0) / (x1 - x0)
+
+
+def _t5_with_mask(pipe, prompts, max_sequence_length, **kwargs) -> dict[str, torch.Tensor]:
+    """PixArt / Sana: T5 (or Gemma) states and the padding mask the pipeline passes with them."""
+    embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipe.device,
+                                            max_sequence_length=max_sequence_length, **kwargs)
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
 class FamilyAdapter(ABC):
     """Base adapter; subclasses set the class-level fields and the forward call."""
 
@@ -239,6 +254,23 @@ class FamilyAdapter(ABC):
     def null_conditions(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unconditional input for classifier-free guidance (empty prompt -> zeros)."""
         return {k: torch.zeros_like(v) for k, v in cond.items()}
+
+    # -- text pipelines --------------------------------------------------------------
+    pipeline_classes: tuple[str, ...] = ()  # diffusers pipelines that drive this transformer
+
+    def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """The conditions the pipeline `pipe` gives the transformer for `prompts`, through its own
+        `encode_prompt` (its tokenizers and text encoders)."""
+        raise UnsupportedModelError(f"{self.class_name} is not driven by text prompts")
+
+    def set_timesteps(self, scheduler, steps: int) -> None:
+        """The sampling timesteps the family's pipeline sets: with a resolution-dependent shift
+        (`mu`, from the image's token count) when the scheduler shifts dynamically."""
+        kwargs = {}
+        c = scheduler.config
+        if c.get("use_dynamic_shifting"):
+            kwargs["mu"] = _shift_mu(math.prod(self.token_grid()), c)
+        scheduler.set_timesteps(steps, **kwargs)
 
     # -- forward ---------------------------------------------------------------------
     @abstractmethod
@@ -359,6 +391,11 @@ class PixArtAdapter(_TableModulated, FamilyAdapter):
         d = int(self.config["caption_channels"])
         return {"encoder_hidden_states": torch.randn(n, self.text_tokens, d, generator=generator)}
 
+    pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        return _t5_with_mask(pipe, prompts, max_sequence_length, clean_caption=False)
+
     def denoise(self, model, x, t, cond):
         added = {"resolution": None, "aspect_ratio": None}
         # The config may leave it None: diffusers then turns it on for sample_size 128 (PixArt-XL-2-1024).
@@ -368,7 +405,8 @@ class PixArtAdapter(_TableModulated, FamilyAdapter):
             like = {"device": x.device, "dtype": x.dtype}
             added = {"resolution": torch.full((b, 2), size, **like), "aspect_ratio": torch.ones(b, 1, **like)}
         out = model(x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
-                    added_cond_kwargs=added, return_dict=False)[0]
+                    encoder_attention_mask=cond.get("encoder_attention_mask"), added_cond_kwargs=added,
+                    return_dict=False)[0]
         return self._first_channels(out)
 
 
@@ -391,6 +429,14 @@ class SD3Adapter(_MMDiT, FamilyAdapter):
             "pooled_projections": torch.randn(
                 n, int(self.config["pooled_projection_dim"]), generator=generator),
         }
+
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=pipe.device,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def denoise(self, model, x, t, cond):
         return model(x, encoder_hidden_states=cond["encoder_hidden_states"],
@@ -441,9 +487,29 @@ class FluxAdapter(_MMDiT, FamilyAdapter):
 
     def null_conditions(self, cond):
         null = super().null_conditions(cond)
-        if "guidance" in cond:
-            null["guidance"] = cond["guidance"]
+        if "guidance" in cond:  # a copy: the calibration cache stores both, and safetensors refuses shared memory
+            null["guidance"] = cond["guidance"].clone()
         return null
+
+    pipeline_classes = ("FluxPipeline",)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=pipe.device,
+                                               max_sequence_length=max_sequence_length)
+        cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if self.config.get("guidance_embeds"):  # FLUX.1-dev: distilled guidance is an input
+            cond["guidance"] = torch.full((len(prompts),), self.guidance_scale)
+        return cond
+
+    def set_timesteps(self, scheduler, steps):
+        # FluxPipeline's own sigmas (1 .. 1/steps), shifted by mu for the image's token count.
+        import numpy as np
+
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting"):
+            kwargs["mu"] = _shift_mu(math.prod(self.token_grid()), scheduler.config)
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        scheduler.set_timesteps(steps, sigmas=sigmas, **kwargs)
 
     def denoise(self, model, x, t, cond):
         b, c, h, w = x.shape
@@ -473,8 +539,19 @@ class SanaAdapter(_TableModulated, FamilyAdapter):
         d = int(self.config["caption_channels"])
         return {"encoder_hidden_states": torch.randn(n, self.text_tokens, d, generator=generator)}
 
+    pipeline_classes = ("SanaPipeline",)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        import inspect
+
+        # The instruction SanaPipeline prepends to every prompt by default (for its Gemma encoder).
+        instruction = inspect.signature(pipe.__call__).parameters["complex_human_instruction"].default
+        return _t5_with_mask(pipe, prompts, max_sequence_length, clean_caption=False,
+                             complex_human_instruction=instruction)
+
     def denoise(self, model, x, t, cond):
-        return model(x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t, return_dict=False)[0]
+        return model(x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
+                     encoder_attention_mask=cond.get("encoder_attention_mask"), return_dict=False)[0]
 
 
 class LabelConditionedAdapter(FamilyAdapter):
@@ -519,6 +596,9 @@ class LabelConditionedAdapter(FamilyAdapter):
     def blocks(self, model, *kinds):
         return self.base.blocks(model, *kinds)
 
+    def set_timesteps(self, scheduler, steps):
+        self.base.set_timesteps(scheduler, steps)
+
     def layout(self, model):
         return self.base.layout(model)
 
@@ -542,6 +622,14 @@ def adapter_for_class(class_name: str) -> type[FamilyAdapter]:
             return a
     raise UnsupportedModelError(
         f"unsupported model class {class_name!r}; supported: {', '.join(SUPPORTED_CLASSES)}")
+
+
+def adapter_for_pipeline(class_name: str) -> type[FamilyAdapter]:
+    for a in ADAPTERS:
+        if class_name in a.pipeline_classes:
+            return a
+    known = ", ".join(c for a in ADAPTERS for c in a.pipeline_classes)
+    raise UnsupportedModelError(f"unsupported pipeline class {class_name!r}; supported: {known}")
 
 
 def adapter_for_family(family: str) -> type[FamilyAdapter]:

@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from .families import SUPPORTED_CLASSES, FamilyAdapter, adapter_for_class, get_adapter
 from .load_weights import load_weights_
+from .pipeline import TextPipeline
 
 # A model that ships no scheduler is sampled as rectified flow.
 DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
@@ -30,6 +31,7 @@ class LoadedModel:
     card: dict = field(default_factory=dict)  # zoo card (classes, classifier, sampling) or {}
     latent_size: int | None = None
     conditioner: nn.Module | None = None  # label -> prompt embeddings, for label-driven text families
+    pipeline: "TextPipeline | None" = None  # the text-to-image pipeline the transformer came in
 
     @property
     def class_name(self) -> str:
@@ -38,7 +40,7 @@ class LoadedModel:
     def with_model(self, model: nn.Module) -> "LoadedModel":
         """The same setting (scheduler, card, conditioner) around another model, e.g. a student."""
         return LoadedModel(model, get_adapter(model, self.latent_size, self.conditioner), self.scheduler_config,
-                           self.source, self.card, self.latent_size, self.conditioner)
+                           self.source, self.card, self.latent_size, self.conditioner, self.pipeline)
 
 
 def zoo_names() -> list[str]:
@@ -110,8 +112,10 @@ def load_transformer(
         from .conditioner import LabelConditioner
 
         conditioner = LabelConditioner.load(Path(source) / card["conditioner"])
+    pipeline = TextPipeline.find(path, card) if path.is_dir() and subfolder == "transformer" else None
+    latent_size = latent_size or card.get("latent_size")
     return LoadedModel(model, get_adapter(model, latent_size, conditioner), _scheduler_config(source),
-                       source_in, card, latent_size, conditioner)
+                       source_in, card, latent_size, conditioner, pipeline)
 
 
 def _read_config(source: str, subfolder: str | None) -> dict:

@@ -32,8 +32,16 @@ from .scenes_pipeline import SCENES_FLUX, ScenesFluxConfig, build_pipeline, save
 
 CAPTION_DROPOUT = 0.1
 # How the teacher is sampled: true CFG against the empty prompt, at the T5 length it was trained with.
-SAMPLING = {"num_inference_steps": 20, "true_cfg_scale": 4.0, "negative_prompt": "",
+# In the zoo card's terms (`steps`, `guidance_scale`), which `pipeline_kwargs` turns into FluxPipeline's.
+SAMPLING = {"steps": 20, "guidance_scale": 4.0, "negative_prompt": "",
             "max_sequence_length": SCENES_FLUX.t5_max_length, "height": 32, "width": 32}
+CALIBRATION_PROMPTS = 1024  # distinct training captions shipped as the teacher's calibration prompt set
+
+
+def pipeline_kwargs(sampling: dict) -> dict:
+    """FluxPipeline call arguments for the card's sampling settings."""
+    rest = {k: v for k, v in sampling.items() if k not in ("steps", "guidance_scale")}
+    return {"num_inference_steps": sampling["steps"], "true_cfg_scale": sampling["guidance_scale"], **rest}
 # The default runs. GPU: caps for benchmarks/gpu_train_scenes_flux.py, which fits the step counts to
 # a time budget (VAE + transformer in about 4.5 minutes on an H200). CPU: what two cores finish in
 # about an hour, under 1 % of the GPU run's training samples: a much weaker teacher, not expected to
@@ -199,10 +207,24 @@ def generate_images(pipe, prompts: list[str], seed: int, sampling: dict = SAMPLI
         side = sampling["height"] // pipe.vae_scale_factor
         latents = torch.randn(len(part), pipe.transformer.config.in_channels // 4, side, side, generator=g)
         latents = pipe._pack_latents(latents, len(part), latents.shape[1], side, side).to(pipe.device)
-        kwargs = dict(sampling, negative_prompt=[sampling["negative_prompt"]] * len(part))
+        kwargs = dict(pipeline_kwargs(sampling), negative_prompt=[sampling["negative_prompt"]] * len(part))
         images = pipe(part, latents=latents, output_type="np", **kwargs).images
         out.append(np.rint(np.clip(images, 0, 1) * 255).astype(np.uint8))
     return np.concatenate(out)
+
+
+def write_prompt_sets(out_dir: Path, seed: int = 0) -> None:
+    """The teacher's prompt sets: training captions for calibration, the held-out prompts for evaluation."""
+    from ..data.scenes import HELDOUT_PROMPTS
+
+    train = sorted(set(scene_split("train", n=4 * CALIBRATION_PROMPTS, seed=seed + 2).captions))
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(train, size=min(CALIBRATION_PROMPTS, len(train)), replace=False).tolist())
+    header = "# {} prompts of the teacher's training distribution (data/scenes.py), for calibration\n"
+    (Path(out_dir) / "prompts.txt").write_text(header.format(len(chosen)) + "\n".join(chosen) + "\n")
+    held = [text for _, text in HELDOUT_PROMPTS]
+    (Path(out_dir) / "eval_prompts.txt").write_text(
+        f"# the {len(held)} held-out prompts of the adherence evaluator (evaluate/adherence.py)\n" + "\n".join(held) + "\n")
 
 
 def train_scenes_flux(out_dir: Path, device: str = "cpu", steps: int | None = None, seed: int = 0,
@@ -280,8 +302,11 @@ def train_scenes_flux(out_dir: Path, device: str = "cpu", steps: int | None = No
                        f"{cfg.latent_channels} AutoencoderKL, frozen random CLIP and T5 text encoders with "
                        "tokenizers over the scenes vocabulary; rectified flow with caption dropout.",
         "dataset": "digit-scenes-32x32", "pipeline": "FluxPipeline", "sampling": SAMPLING,
+        "latent_size": cfg.latent_size, "classifier": "scenes-classifier", "adherence": "digit-scenes",
+        "prompts": "prompts.txt", "eval_prompts": "eval_prompts.txt",
         "config": cfg.to_dict(), "training": metrics, "retrain": "ditc zoo-train --only scenes-flux",
     }
+    write_prompt_sets(out_dir, seed)
     (out_dir / "ditc_zoo.json").write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
