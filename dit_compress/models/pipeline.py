@@ -69,7 +69,7 @@ class TextPipeline:
 
             try:
                 self._pipe = getattr(diffusers, self.class_name).from_pretrained(
-                    str(self.folder), transformer=None, torch_dtype=torch.float32)
+                    str(self.folder), transformer=None, dtype=torch.float32)
             except Exception as e:
                 raise CheckpointError(f"cannot load the pipeline in {self.folder}: {str(e).splitlines()[0]}") from None
             self._pipe.set_progress_bar_config(disable=True)

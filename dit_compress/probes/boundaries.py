@@ -21,11 +21,6 @@ from ..data.calibration import CalibrationSet
 from ..models.families import FamilyAdapter
 from .capture import Capture, image_hidden
 
-# First calibration batch index of each probe: far from the indices distillation trains on,
-# and apart from each other.
-BLOCK_INFLUENCE_FIRST_BATCH = 10_000_000
-BOUNDARY_STATES_FIRST_BATCH = 20_000_000
-
 # Tokens one probe forward may carry: full-size models at high resolution run calibration
 # batches in chunks, so that the forward's own activations stay bounded too.
 FORWARD_TOKENS = 16384
@@ -74,15 +69,17 @@ def _read(shard, key: str) -> torch.Tensor:
 
 
 def _chunked_batches(adapter: FamilyAdapter, calib: CalibrationSet, batches: int, batch_size: int,
-                     first_batch: int, desc: str):
-    """Calibration batches `first_batch`.. in chunks of at most FORWARD_TOKENS tokens:
-    (batch k, its sample rows, denoiser inputs), with a progress bar saying what is probed."""
+                     stream: str, desc: str):
+    """The first `batches` calibration batches of the named stream, in chunks of at most
+    FORWARD_TOKENS tokens: (batch k, its sample rows, denoiser inputs), with a progress bar
+    saying what is probed."""
+    first = calib.stream(stream)
     step = max(1, FORWARD_TOKENS // max(1, math.prod(adapter.token_grid())))
     chunks = [(k, a) for k in range(batches) for a in range(0, batch_size, step)]
     batch, loaded = None, None
     for k, a in tqdm(chunks, desc=desc, leave=False, disable=len(chunks) < 2):
         if loaded != k:
-            batch, loaded = calib.batch(first_batch + k, batch_size), k
+            batch, loaded = calib.batch(first + k, batch_size), k
         sl = slice(a, min(batch_size, a + step))
         yield k, sl, (batch.x_t[sl], batch.t[sl], {c: v[sl] for c, v in batch.cond.items()})
 
@@ -93,8 +90,7 @@ def _image_blocks(model: nn.Module, adapter: FamilyAdapter) -> dict[str, nn.Modu
 
 @torch.no_grad()
 def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, batches: int = 4,
-                    batch_size: int = 64, max_tokens: int | None = 8192, first_batch: int = BOUNDARY_STATES_FIRST_BATCH,
-                    folder: Path | None = None) -> BoundaryStates:
+                    batch_size: int = 64, max_tokens: int | None = 8192, folder: Path | None = None) -> BoundaryStates:
     """Image hidden states at every block boundary on calibration batches, `max_tokens` of them
     drawn at random (seeded) across all batches; streamed to `folder` when given."""
     from safetensors.torch import save_file
@@ -133,7 +129,7 @@ def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
         folder.mkdir(parents=True, exist_ok=True)
     first = dict([next(iter(blocks.items()))])
     with Capture(first, at="input", on=first_input), Capture(blocks, transform=image_hidden, on=output):
-        for k, sl, inputs in _chunked_batches(adapter, calib, batches, batch_size, first_batch,
+        for k, sl, inputs in _chunked_batches(adapter, calib, batches, batch_size, "probe/boundary-states",
                                               "probe: block boundary states"):
             now.update(k=k, rows=sl)
             adapter.denoise(model, *inputs)
@@ -152,8 +148,7 @@ def boundary_states(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
 
 @torch.no_grad()
 def block_influence(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
-                    batches: int = 4, batch_size: int = 64, first_batch: int = BLOCK_INFLUENCE_FIRST_BATCH
-                    ) -> list[float]:
+                    batches: int = 4, batch_size: int = 64) -> list[float]:
     """Block Influence (ShortGPT): 1 - mean token cosine(input, output) of each block's image
     stream. A block whose output is nearly its input changes little and goes first.
 
@@ -174,7 +169,7 @@ def block_influence(model: nn.Module, adapter: FamilyAdapter, calib: Calibration
 
     first = dict([next(iter(blocks.items()))])
     with Capture(first, at="input", on=first_input), Capture(blocks, transform=image_hidden, on=output):
-        for _, _, inputs in _chunked_batches(adapter, calib, batches, batch_size, first_batch,
+        for _, _, inputs in _chunked_batches(adapter, calib, batches, batch_size, "probe/block-influence",
                                              "probe: block influence"):
             adapter.denoise(model, *inputs)
     return [float(1 - v / seen[0]) for v in sums]

@@ -17,15 +17,10 @@ from ..models.families import FamilyAdapter
 
 
 def task_losses(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, batches: int, batch_size: int,
-                first_seed: int) -> Iterator[torch.Tensor]:
-    """The task loss of `batches` draws of `batch_size` teacher samples, noised at random
-    timesteps; draw k is seeded `first_seed + k`. The caller backpropagates each."""
+                stream: str) -> Iterator[torch.Tensor]:
+    """The task loss on the first `batches` calibration batches of the named stream (teacher
+    samples noised at random timesteps). The caller backpropagates each."""
+    first = calib.stream(stream)
     for k in range(batches):
-        g = torch.Generator().manual_seed(first_seed + k)
-        idx = torch.randint(0, len(calib), (batch_size,), generator=g)
-        x0 = calib.x0[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = calib.schedule.draw_timesteps(batch_size, g)
-        cond = {key: v[idx] for key, v in calib.cond.items()}
-        pred = adapter.denoise(model, calib.schedule.add_noise(x0, noise, t), t, cond)
-        yield torch.mean((pred - calib.schedule.target(x0, noise)) ** 2)
+        b = calib.batch(first + k, batch_size)
+        yield torch.mean((adapter.denoise(model, b.x_t, b.t, b.cond) - b.target) ** 2)

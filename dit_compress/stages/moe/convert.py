@@ -23,7 +23,6 @@ from ...probes.capture import Capture
 from ...probes.taylor import task_losses
 from .layer import MoEFeedForward
 
-TAYLOR_FIRST_SEED = 40_000_000  # calibration draws of the Taylor statistics
 
 
 def dense_ffns(model: nn.Module, adapter: FamilyAdapter, targets: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -69,7 +68,7 @@ def record_ffns(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
     try:
         with Capture(ffns, at="input", on=inputs), \
                 Capture({n: ff.net[2] for n, ff in ffns.items()}, at="input", on=hidden):
-            for loss in task_losses(model, adapter, calib, batches, batch_size, TAYLOR_FIRST_SEED):
+            for loss in task_losses(model, adapter, calib, batches, batch_size, "moe/taylor"):
                 loss.backward()
     finally:
         for n, p in model.named_parameters():

@@ -27,7 +27,6 @@ from ...probes.taylor import task_losses
 
 Importance = Literal["l2", "taylor"]
 QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
-TAYLOR_FIRST_SEED = 30_000_000  # calibration draws of the Taylor gradients
 TAYLOR_BATCHES, TAYLOR_BATCH_SIZE = 2, 32
 
 
@@ -65,7 +64,7 @@ def _sum_outputs(out) -> torch.Tensor:
 def taylor_gradients_(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet) -> None:
     """Accumulate gradients of the mean task loss over the Taylor draws (for Taylor importance)."""
     model.zero_grad(set_to_none=True)
-    for loss in task_losses(model, adapter, calib, TAYLOR_BATCHES, TAYLOR_BATCH_SIZE, TAYLOR_FIRST_SEED):
+    for loss in task_losses(model, adapter, calib, TAYLOR_BATCHES, TAYLOR_BATCH_SIZE, "prune/width-taylor"):
         (loss / TAYLOR_BATCHES).backward()
 
 
