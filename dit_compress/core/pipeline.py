@@ -206,6 +206,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None 
         log.info("calibration: %d teacher samples", recipe.calibration.num_samples)
         with meter("calibration"), state.main_process_first():  # the main process samples and caches
             calib = build_calibration(teacher, recipe.calibration, work)
+    # Built before the stages: a bad evaluation prompt file fails now, not after hours of compression.
+    evaluator = evaluator or Evaluator(teacher, calib, recipe.evaluation)
     student, summaries, variants = run_stages(recipe, teacher, calib, work, meter)
     if not state.is_main_process:
         return None  # export, evaluation and the report are the main process's
@@ -313,7 +315,8 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
     report["gate"] = check_gate(report, [r.model_dump() for r in recipe.gate]) if recipe.gate else None
     for i, st in enumerate(summaries):  # each stage draws its own figures
         st["pictures"] = get_stage(st["name"]).pictures(st["summary"], out, f"stage{i}")
-    save_grid(out / "samples.png", pictures["teacher"], pictures["student"], pictures["labels"])
+    save_grid(out / "samples.png", pictures["teacher"], pictures["student"], pictures["labels"],
+              prompts=pictures.get("prompts"))
     save_curves(out / "curves.png", report)
     write_markdown(out / "report.md", report)
     write_json(out / "report.json", report)

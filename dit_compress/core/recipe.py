@@ -37,6 +37,9 @@ class EvaluationSpec(StrictConfig):
     latency_batch: int = Field(16, ge=1)
     latency_repeats: int = Field(20, ge=3)
     memory_batch: int = Field(256, ge=1, description="batch of the peak-memory forward pass")
+    prompts: str | None = Field(None, description=(
+        "prompt file (one per line, or a JSON list) a text-to-image pipeline teacher is evaluated on; default: "
+        "the bundled teacher's evaluation prompts, else the calibration prompts"))
 
 
 class GateRule(StrictConfig):

@@ -70,6 +70,7 @@ class CalibrationSet:
     schedule: NoiseSchedule
     seed: int
     uncond_fraction: float = 0.0
+    prompts: list[str] | None = None  # each sample's prompt, for a text-to-image pipeline teacher
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -166,7 +167,9 @@ def build_calibration(teacher: LoadedModel, spec: CalibrationSpec, cache_dir: Pa
             save_file({name: v.clone() for name, v in shard.items()}, str(tmp), metadata={"seed": str(spec.seed)})
             tmp.replace(path)
         shards.append(shard)
-    return CalibrationSet.from_shards(shards, schedule, spec.seed, spec.uncond_fraction)
+    calib = CalibrationSet.from_shards(shards, schedule, spec.seed, spec.uncond_fraction)
+    calib.prompts = chosen if prompts else None
+    return calib
 
 
 def calibration_prompts(teacher: LoadedModel, spec: CalibrationSpec) -> list[str] | None:

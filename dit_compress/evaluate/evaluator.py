@@ -1,4 +1,4 @@
-"""Evaluate a student against its teacher with identical noise, labels and timesteps."""
+"""Evaluate a student against its teacher with identical noise, labels (or prompts) and timesteps."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..data.calibration import CalibrationSet, resolved_sampling
 from ..models.load import ZOO_DIR, LoadedModel
 from ..sampling import NoiseSchedule, sample_batched
 from . import cost, metrics
+from .prompted import PromptedEvaluation
 
 log = logging.getLogger("dit_compress")
 
@@ -28,8 +29,12 @@ class Evaluator:
         self.schedule = NoiseSchedule(teacher.scheduler_config)
         self.steps, self.guidance = resolved_sampling(teacher, spec.sampling_steps, spec.guidance_scale)
         self.classifier = None
+        # A text-to-image pipeline teacher is evaluated on prompts, through its own encoders and VAE
+        # (prompts for any other teacher are refused there).
+        self.prompted = (PromptedEvaluation(teacher, calibration, spec, self.schedule, self.steps, self.guidance)
+                         if teacher.pipeline is not None or spec.prompts else None)
         name = teacher.card.get("classifier")
-        if name:
+        if name and self.prompted is None:
             from ..models.classifier import DigitClassifier
 
             self.classifier = DigitClassifier.load(ZOO_DIR / name)
@@ -56,14 +61,18 @@ class Evaluator:
         return self._teacher_cache[key]
 
     def quality(self, student: LoadedModel, name: str = "student") -> tuple[dict, dict]:
-        """Teacher-relative metrics, and absolute ones when the card names a classifier; `name`
-        (student, a variant's label) labels the progress bars."""
+        """Teacher-relative metrics, and absolute ones when the card names a classifier (or, for a
+        pipeline teacher, an adherence evaluator); `name` (student, a variant's label) labels the
+        progress bars."""
         s = self.spec
         log.info("evaluating quality: denoiser error, %d-step samples (guidance %.1f)", self.steps, self.guidance)
         q: dict = {"sampling_steps": self.steps, "guidance_scale": self.guidance}
         q["denoiser_error"] = metrics.denoiser_error_by_band(self.teacher, student, self.calib, s.denoiser_samples,
                                                              s.timestep_bands)
         q["denoiser_relative_error"] = round(float(np.mean([b["relative_error"] for b in q["denoiser_error"]])), 5)
+        if self.prompted is not None:
+            extra, pictures = self.prompted.quality(student, name)
+            return {**q, **extra}, pictures
         seed0 = s.seeds[0]
         n = s.num_samples if self.classifier else s.compare_samples
         t_img = self._teacher_samples(seed0, n, self.guidance)

@@ -16,36 +16,66 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def save_grid(path: Path, teacher: torch.Tensor, student: torch.Tensor, labels: torch.Tensor | None,
-              columns: int = 10, rows: int = 2) -> None:
+              columns: int = 10, rows: int = 2, prompts: list[str] | None = None) -> None:
     """Pairs of rows: teacher samples above the student's from the same noise and condition, each
-    pair titled by row and labelled with its class beneath."""
+    pair titled by row and labelled beneath with its class, or its prompt (wrapped, shortened; fewer,
+    larger columns make room)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    per = 3 if prompts is not None else 2  # rows per pair: teacher, student (, the prompt)
+    if prompts is not None:
+        columns = min(columns, 5)
+        fig, axes = plt.subplots(3 * rows, columns, figsize=(columns * 1.5, rows * 3.6), squeeze=False,
+                                 gridspec_kw={"height_ratios": [1, 1, 0.42] * rows})
+    else:
+        fig, axes = plt.subplots(2 * rows, columns, figsize=(columns * 0.9, 2 * rows * 1.1), squeeze=False)
     n = min(columns * rows, teacher.shape[0])
     order = torch.argsort(labels[:n], stable=True) if labels is not None else torch.arange(n)
-    fig, axes = plt.subplots(2 * rows, columns, figsize=(columns * 0.9, 2 * rows * 1.1), squeeze=False)
     for r in range(rows):
         for c in range(columns):
             i = r * columns + c
             for k, (who, imgs) in enumerate((("teacher", teacher), ("student", student))):
-                ax = axes[2 * r + k, c]
+                ax = axes[per * r + k, c]
                 ax.axis("off")
                 if i < n:
                     img = imgs[order[i]].clamp(-1, 1).add(1).div(2)
                     ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
-                    if k == 1 and labels is not None:  # the pair's class, under the student image
+                    if prompts is not None:  # a thin frame: scenes on white would merge with the page
+                        ax.axis("on")
+                        ax.set_xticks([])
+                        ax.set_yticks([])
+                        for spine in ax.spines.values():
+                            spine.set(color="0.75", linewidth=0.6)
+                    if k == 1 and labels is not None and prompts is None:  # the pair's class, under the student
                         ax.text(0.5, -0.06, f"class {int(labels[order[i]])}", transform=ax.transAxes,
                                 ha="center", va="top", fontsize=6)
                 if c == 0:
                     ax.set_title(who, fontsize=7, loc="left")
-    condition = "label" if labels is not None else "condition"
+            if prompts is not None:  # the pair's prompt, in its own row under the student image
+                ax = axes[per * r + 2, c]
+                ax.axis("off")
+                if i < n:
+                    ax.text(0.5, 1.0, _caption(prompts[int(order[i])]), transform=ax.transAxes, ha="center",
+                            va="top", fontsize=6, linespacing=1.1)
+    condition = "prompt" if prompts is not None else "label" if labels is not None else "condition"
     fig.suptitle(f"same noise and {condition}: teacher (upper) vs student (lower row of each pair)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _caption(text: str, width: int = 26, lines: int = 3) -> str:
+    """`text` wrapped to `width` characters, cut to `lines` lines with an ellipsis."""
+    import textwrap
+
+    wrapped = textwrap.wrap(" ".join(text.split()), width) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: width - 1].rstrip() + "…"
+    return "\n".join(wrapped)
 
 
 def save_curves(path: Path, report: dict) -> None:
@@ -100,6 +130,8 @@ def write_markdown(path: Path, report: dict) -> None:
             lines.append(f"| {key.replace('_', ' ')} | {_fmt(q[key + '_teacher'])}"
                          f"{' ± ' + _fmt(q[key + '_teacher_std']) if key == 'fd' else ''} | "
                          f"{_fmt(q[key + '_student'])}{' ± ' + _fmt(q[key + '_student_std']) if key == 'fd' else ''} |")
+    if "adherence" in q:
+        lines += adherence_lines(q["adherence"])
     lines += ["", f"- Fréchet-distance ratio (student/teacher): **{_fmt(q.get('fd_ratio', 'n/a'))}**"
               if "fd_ratio" in q else "", f"- sample PSNR vs teacher: **{_fmt(q['psnr_db'])} dB**, "
               f"SSIM {_fmt(q['ssim'])}", f"- mean denoiser relative error: {_fmt(q['denoiser_relative_error'])}",
@@ -123,13 +155,13 @@ def write_markdown(path: Path, report: dict) -> None:
     if report.get("variants"):
         lines += ["", "## Variants of the same run", "",
                   "Other results of the last stage (e.g. PPCL's other ratios), judged like the student.", "",
-                  "| model | parameters ratio | MACs ratio | FD ratio | guided acc. | PSNR (dB) | ONNX latency ratio "
+                  "| model | parameters ratio | MACs ratio | FD ratio | guided acc. / adherence | PSNR (dB) | ONNX latency ratio "
                   "| parity |", "|---|---|---|---|---|---|---|---|"]
         rows = [("student", report)] + sorted(report["variants"].items())
         for name, r in rows:
             vq, vc, vx = r["quality"], r["cost"], r.get("export") or {}
             lines.append(f"| {name} | {vc['param_ratio']} | {vc['macs_ratio']} | {_fmt(vq.get('fd_ratio', 'n/a'))} | "
-                         f"{_fmt(vq.get('guided_accuracy_student', 'n/a'))} | {_fmt(vq['psnr_db'])} | "
+                         f"{_fmt(_accuracy(vq))} | {_fmt(vq['psnr_db'])} | "
                          f"{vc.get('onnx_latency_ratio', 'n/a')} | "
                          f"{_fmt(vx['parity']['max_abs_error']) if vx else 'n/a'} |")
     if report.get("export"):
@@ -151,6 +183,30 @@ def write_markdown(path: Path, report: dict) -> None:
                      + (f"; recovery {rec.get('steps')} steps in {rec.get('seconds')} s, final output MSE "
                         f"{rec.get('final_output_mse')}" if rec else ""))
     path.write_text("\n".join(line for line in lines) + "\n")
+
+
+def _accuracy(q: dict):
+    """The student's headline accuracy: guided class accuracy, or a pipeline teacher's adherence (all)."""
+    if "guided_accuracy_student" in q:
+        return q["guided_accuracy_student"]
+    return (q.get("adherence") or {}).get("all", {}).get("student", "n/a")
+
+
+def _spread(mean, stderr) -> str:
+    return _fmt(mean) + (f" ± {_fmt(stderr)}" if stderr is not None else "")
+
+
+def adherence_lines(a: dict) -> list[str]:
+    """Prompt adherence of teacher and student, attribute by attribute, with standard errors over seeds."""
+    lines = ["", f"Prompt adherence (digit scenes): {a['prompts']} evaluation prompts, one image each per seed, "
+             f"seeds {a['seeds']}; mean ± standard error over seeds, the drop paired by seed.", "",
+             "| attribute | teacher | student | drop |", "|---|---|---|---|"]
+    for key, row in a.items():
+        if isinstance(row, dict):
+            name = "all (novel colour-position pairs)" if key == "all_novel_pairs" else key
+            lines.append(f"| {name} | {_spread(row['teacher'], row['teacher_stderr'])} | "
+                         f"{_spread(row['student'], row['student_stderr'])} | {_spread(row['drop'], row['drop_stderr'])} |")
+    return lines
 
 
 def run_lines(report: dict) -> list[str]:
@@ -179,7 +235,7 @@ def deployment_lines(d: dict) -> list[str]:
     lines = ["", "## Deployment artifacts", "",
              "Each precision variant of the student graph sampled through ONNX Runtime with the same noise, "
              "labels, steps and guidance, and timed beside the fp32 graph in the same loop.", "",
-             "| graph | size (MB) | rel. error vs fp32 | PSNR vs teacher (dB) | FD ratio | guided acc. | "
+             "| graph | size (MB) | rel. error vs fp32 | PSNR vs teacher (dB) | FD ratio | guided acc. / adherence | "
              "latency ms (fp32 timed alongside) | latency vs fp32 |", "|---|---|---|---|---|---|---|---|",
              f"| fp32 | {fp32['bytes'] / 1e6:.2f} | 0 | | | | {fp32['onnx_latency']['median_ms']} | 1.0 |"]
     skipped = []
@@ -192,7 +248,7 @@ def deployment_lines(d: dict) -> list[str]:
         q, x = r["quality"], r["export"]
         lines.append(f"| {kind} | {x['bytes'] / 1e6:.2f} | {_fmt(x['parity']['max_rel_error'])} | "
                      f"{_fmt(q['psnr_db'])} | "
-                     f"{_fmt(q.get('fd_ratio', 'n/a'))} | {_fmt(q.get('guided_accuracy_student', 'n/a'))} | "
+                     f"{_fmt(q.get('fd_ratio', 'n/a'))} | {_fmt(_accuracy(q))} | "
                      f"{r['onnx_latency']['median_ms']} ({r['fp32_paired_latency']['median_ms']}) | "
                      f"{r['latency_ratio_vs_fp32']} |")
     lines += [""] + skipped
