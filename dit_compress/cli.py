@@ -332,8 +332,17 @@ def export(model: str, out: Path, batch: int | None, atol: float | None, precisi
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output image grid (.png); the raw samples go beside it as .npy.")
 @click.option("--labels", help="Comma-separated class labels (class-conditional artifacts).")
-@click.option("-n", "--num", type=int, default=20, show_default=True, help="Samples when --labels is not given.")
+@click.option("-n", "--num", type=int, default=20, show_default=True,
+              help="Samples when neither --labels nor prompts are given.")
 @click.option("--conditions", type=click.Path(path_type=Path), help=".npz of condition arrays (text families).")
+@click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT",
+              help="A prompt (repeatable), encoded by the pipeline's text encoders; images are decoded by its VAE.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="A prompt file (one per line, # comments; or a JSON list), as --prompt.")
+@click.option("--pipeline", "pipeline_folder", metavar="FOLDER",
+              help="Pipeline folder (or zoo:NAME, or a compressed checkpoint) whose text encoders and VAE "
+                   "--prompt uses [default: the one recorded in ARTIFACT's card, else the run's checkpoint/ "
+                   "beside ARTIFACT's folder].")
 @click.option("--sampling-steps", "steps", type=click.IntRange(min=1), help="Sampling steps [default: the card's].")
 @click.option("--guidance", type=click.FloatRange(min=1.0),
               help="Classifier-free guidance scale [default: the card's].")
@@ -341,20 +350,40 @@ def export(model: str, out: Path, batch: int | None, atol: float | None, precisi
 @click.option("--reference", metavar="MODEL",
               help="A PyTorch model or compressed checkpoint (e.g. the one ARTIFACT was exported from) sampled "
                    "through PyTorch with the same noise, conditions, steps and guidance; prints the PSNR of "
-                   "ARTIFACT's samples against it (100 dB: identical).")
+                   "ARTIFACT's samples against it (100 dB: identical). With prompts, in image space after the "
+                   "same VAE, and the grid shows ONNX above PyTorch.")
 @_errors
-def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: Path | None, steps: int | None,
-           guidance: float | None, seed: int, reference: str | None) -> None:
+def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: Path | None,
+           prompt_texts: tuple[str, ...], prompts_file: Path | None, pipeline_folder: str | None,
+           steps: int | None, guidance: float | None, seed: int, reference: str | None) -> None:
     """Generate samples from an exported ARTIFACT (.onnx + card) through ONNX Runtime alone.
 
-    The grid labels each image with its class label (or condition index)."""
+    With --prompt/--prompts (an artifact of a pipeline's transformer), prompts run end to end: the
+    pipeline's text encoders, the graph in the sampling loop (guided against the encoded negative
+    prompt), its VAE; the grid shows each image above its prompt. Otherwise the grid labels each
+    image with its class label (or condition index)."""
     from .evaluate.sample import sample_artifact
 
-    result = sample_artifact(artifact, out, labels, num, conditions, steps, guidance, seed, reference=reference)
-    click.echo(f"wrote {out} ({result['num']} samples, {result['steps']} steps, guidance {result['guidance']:g}, "
+    prompted = bool(prompt_texts) or prompts_file is not None
+    if prompted and (labels is not None or conditions is not None):
+        raise click.UsageError("--prompt/--prompts replace --labels and --conditions; give one of them")
+    if pipeline_folder is not None and not prompted:
+        raise click.UsageError("--pipeline applies with --prompt/--prompts")
+    if prompted:
+        from .evaluate.sample_prompts import sample_prompts
+        from .models.pipeline import read_prompts
+
+        prompts = [*prompt_texts, *(read_prompts(prompts_file) if prompts_file is not None else [])]
+        result = sample_prompts(artifact, out, prompts, pipeline_folder, steps, guidance, seed, reference=reference)
+        what = f"{result['num']} prompts; text encoders and VAE of {result['pipeline']}"
+    else:
+        result = sample_artifact(artifact, out, labels, num, conditions, steps, guidance, seed, reference=reference)
+        what = f"{result['num']} samples"
+    click.echo(f"wrote {out} ({what}; {result['steps']} steps, guidance {result['guidance']:g}, "
                f"{result['seconds']:.1f} s)")
     if "psnr_db_vs_reference" in result:
-        click.echo(f"PSNR vs the PyTorch path ({reference}; same noise, conditions, steps and guidance): "
+        space = "images after the same VAE" if prompted else "samples"
+        click.echo(f"PSNR vs the PyTorch path ({reference}; same noise, conditions, steps and guidance; {space}): "
                    f"{result['psnr_db_vs_reference']:.2f} dB (max abs difference "
                    f"{result['max_abs_diff_vs_reference']:.3g})")
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
-from ..models.families import FamilyAdapter
+from ..models.families import FamilyAdapter, adapter_for_family
 from ..models.load import LoadedModel
 from .onnx import card_path, ort_session
 
@@ -52,7 +53,13 @@ def deployment_card(loaded: LoadedModel, steps: int, guidance_scale: float) -> d
         "null_conditions": null_spec(a, cond),
         "scheduler": loaded.scheduler_config,
         "sampling": {"steps": int(steps), "guidance_scale": float(guidance_scale)},
-        "pixel_space": bool(loaded.card),  # the bundled teachers sample images directly
+        "pixel_space": bool(loaded.card) and loaded.pipeline is None,  # bundled label teachers sample images
+        # The family adapter rebuilt from this config sets the timesteps (and encodes prompts) as the
+        # PyTorch model's adapter does.
+        "transformer_config": {k: v for k, v in a.config.items() if not k.startswith("_")},
+        # Where `ditc sample --prompt` finds the text encoders and VAE, and how it encodes with them.
+        **({"pipeline": {**loaded.pipeline.record(), "folder": str(Path(loaded.pipeline.folder).resolve())}}
+           if loaded.pipeline else {}),
     }
 
 
@@ -80,8 +87,11 @@ class OnnxAdapter(FamilyAdapter):
     def __init__(self, card: dict):
         self.card = card
         self.family, self.class_name = card["family"], card["class_name"]
-        self.config = {}
+        self.config = dict(card.get("transformer_config") or {})
         self._latent_shape = tuple(card["latent_shape"])
+        # Cards written before transformer_config: the generic timestep rule (exact for unshifted schedulers).
+        self._family = adapter_for_family(self.family)(SimpleNamespace(config=self.config), self._latent_shape[1]) \
+            if self.config else None
 
     @property
     def in_channels(self) -> int:
@@ -97,6 +107,18 @@ class OnnxAdapter(FamilyAdapter):
     @property
     def num_classes(self) -> int | None:
         return self.card.get("num_classes")
+
+    def token_grid(self):
+        return self._family.token_grid() if self._family else super().token_grid()
+
+    def set_timesteps(self, scheduler, steps):
+        (self._family or super()).set_timesteps(scheduler, steps)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        if self._family is None:
+            raise CheckpointError("this artifact's card predates prompt sampling (no transformer_config); "
+                                  "export it again")
+        return self._family.encode_prompts(pipe, prompts, max_sequence_length)
 
     def random_conditions(self, n, generator):
         out = {}

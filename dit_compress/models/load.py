@@ -33,6 +33,12 @@ class LoadedModel:
     conditioner: nn.Module | None = None  # label -> prompt embeddings, for label-driven text families
     pipeline: "TextPipeline | None" = None  # the text-to-image pipeline the transformer came in
 
+    def __post_init__(self):
+        # Example and synthetic prompts as long as the pipeline's: an exported graph's text axis is
+        # static, so this is the length that encoded prompts must fit.
+        if self.pipeline is not None and not self.adapter.num_classes:
+            self.adapter.text_tokens = self.pipeline.max_sequence_length
+
     @property
     def class_name(self) -> str:
         return type(self.model).__name__
