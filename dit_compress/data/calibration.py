@@ -190,5 +190,6 @@ def calibration_prompts(teacher: LoadedModel, spec: CalibrationSpec) -> list[str
                else "this transformer comes without text encoders")
         log.warning("calibration on synthetic prompt embeddings (%s): seeded random vectors are nothing like "
                     "what real text encoders produce, so calibration samples and distillation targets are "
-                    "off-distribution; pass a pipeline folder and calibration.prompts", why)
+                    "off-distribution%s", why,
+                    "" if pipe is not None else "; pass a pipeline folder and calibration.prompts")
     return None
