@@ -129,7 +129,7 @@ class Evaluator:
         log.info("measuring cost: parameters, MACs, latency, memory")
         # On noised teacher samples, as in deployment: routed students (experts, blocks) spread
         # real inputs over their routes differently from random noise at random timesteps.
-        b = self.calib.batch(70_000_000, s.latency_batch)
+        b = self.calib.batch(self.calib.stream("evaluate/cost"), s.latency_batch)
         inputs = (b.x_t, b.t, b.cond)
         out: dict = {}
         for who, m, ckpt in (("teacher", self.teacher, self.teacher_source()), ("student", student, student_ckpt)):

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from .families import SUPPORTED_CLASSES, FamilyAdapter, adapter_for_class, get_adapter
 from .load_weights import load_weights_
-from .pipeline import TextPipeline
+from .pipeline import TextPipeline, quiet_loading
 
 # A model that ships no scheduler is sampled as rectified flow.
 DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
@@ -144,7 +144,8 @@ def _load_pretrained(source: str, subfolder: str | None) -> nn.Module:
         raise CheckpointError(f"cannot read the model config of {where}: {str(e).splitlines()[0]}") from None
     cls = _class_of(cfg, where)
     try:
-        return cls.from_pretrained(source, subfolder=subfolder, low_cpu_mem_usage=True)
+        with quiet_loading():
+            return cls.from_pretrained(source, subfolder=subfolder, low_cpu_mem_usage=True)
     except Exception as e:
         raise CheckpointError(f"cannot load weights of {where}: {str(e).splitlines()[0]}") from None
 

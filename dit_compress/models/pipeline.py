@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,8 +69,9 @@ class TextPipeline:
             import diffusers
 
             try:
-                self._pipe = getattr(diffusers, self.class_name).from_pretrained(
-                    str(self.folder), transformer=None, dtype=torch.float32)
+                with quiet_loading():
+                    self._pipe = getattr(diffusers, self.class_name).from_pretrained(
+                        str(self.folder), transformer=None, dtype=torch.float32)
             except Exception as e:
                 raise CheckpointError(f"cannot load the pipeline in {self.folder}: {str(e).splitlines()[0]}") from None
             self._pipe.set_progress_bar_config(disable=True)
@@ -135,6 +137,28 @@ class TextPipeline:
         if transformer_dir is not None:
             shutil.copytree(transformer_dir, out / "transformer", copy_function=_link_or_copy)
         return out
+
+
+@contextmanager
+def quiet_loading():
+    """No per-component loading bars (a run's own progress bars say what it is doing) or import chatter."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    verbosity = transformers_logging.get_verbosity()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    # Importing a pipeline class imports image processors that warn about torchvision, unused here.
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def _link_or_copy(src, dst) -> None:
