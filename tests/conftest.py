@@ -83,3 +83,18 @@ def check_round_trip(teacher, student, stage_name: str, cfg, plan: dict, tmp_pat
     info = export_onnx(restored.model, restored.adapter, tmp_path / f"{stage_name}.onnx", batch=2, atol=1e-4)
     assert info["parity"]["max_abs_error"] <= 1e-4
     return before, inputs
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """`get(family)`: the folder of a tiny random pipeline of `family` (tests/pipelines.py), saved once
+    per session. Tests read it and never write into it."""
+    from pipelines import save_tiny_pipeline
+
+    folders = {}
+
+    def get(family: str):
+        if family not in folders:
+            folders[family] = save_tiny_pipeline(family, tmp_path_factory.mktemp(f"pipeline-{family}"))
+        return folders[family]
+    return get

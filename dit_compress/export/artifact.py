@@ -123,10 +123,13 @@ class OnnxAdapter(FamilyAdapter):
     def random_conditions(self, n, generator):
         out = {}
         for name, spec in self.card["conditions"].items():
+            dtype = getattr(torch, spec["dtype"])
             if name == "class_labels" and self.num_classes:
                 out[name] = torch.randint(0, self.num_classes, (n,), generator=generator)
+            elif not dtype.is_floating_point:  # a prompt's padding mask: every token attended
+                out[name] = torch.ones(n, *spec["shape"], dtype=dtype)
             else:
-                out[name] = torch.randn(n, *spec["shape"], generator=generator).to(getattr(torch, spec["dtype"]))
+                out[name] = torch.randn(n, *spec["shape"], generator=generator).to(dtype)
         return out
 
     def null_conditions(self, cond):

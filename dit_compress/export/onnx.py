@@ -102,13 +102,20 @@ def export_onnx(model: nn.Module, adapter: FamilyAdapter, path: str | Path, batc
     stage_dir.mkdir()
     tmp = stage_dir / path.name
     start = time.time()
+    args = (x, t, *cond.values())
+    kwargs = dict(dynamo=True, input_names=names, output_names=["prediction"], dynamic_shapes=dynamic,
+                  opset_version=opset, verbose=False, report=False,
+                  # The onnxscript optimizer folds Sana's `x / (d + 1e-15)` into `x / d` (inf/NaN where
+                  # d == 0); ONNX Runtime optimises the faithful graph itself at session creation.
+                  optimize=False)
     with torch.no_grad():
-        program = torch.onnx.export(
-            graph, (x, t, *cond.values()), dynamo=True, input_names=names, output_names=["prediction"],
-            dynamic_shapes=dynamic, opset_version=opset, verbose=False, report=False,
-            # The onnxscript optimizer folds Sana's `x / (d + 1e-15)` into `x / d` (inf/NaN where
-            # d == 0); ONNX Runtime optimises the faithful graph itself at session creation.
-            optimize=False)
+        try:
+            program = torch.onnx.export(graph, args, **kwargs)
+        except torch.onnx.OnnxExporterError:
+            # torch.onnx traces size-obliviously, which cannot prove that a (batch, 1, tokens) attention
+            # mask broadcasts over the queries (PixArt's prompt padding mask): trace with torch.export.
+            program = torch.onnx.export(torch.export.export(graph, args, dynamic_shapes=dynamic, strict=False),
+                                        args, **kwargs)
     _drop_noop_squeezes(program.model)
     _split_sequences_to_split(program.model)
     program.save(str(tmp), external_data=n_bytes > EXTERNAL_DATA_BYTES)

@@ -23,11 +23,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..errors import UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
 
 
 # Block kinds.
@@ -200,6 +201,20 @@ def _shift_mu(image_tokens: int, c) -> float:
     return y0 + (image_tokens - x0) * (y1 - y0) / (x1 - x0)
 
 
+def _tokenizer_length(folder: Path) -> int:
+    """The `model_max_length` a tokenizer folder pads prompts to."""
+    import json
+
+    path = folder / "tokenizer_config.json"
+    try:
+        length = json.loads(path.read_text()).get("model_max_length")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable tokenizer config ({e})") from None
+    if not isinstance(length, int) or not 0 < length < 100_000:
+        raise CheckpointError(f"{path}: model_max_length is {length!r}, not a prompt length")
+    return length
+
+
 def _t5_with_mask(pipe, prompts, max_sequence_length, **kwargs) -> dict[str, torch.Tensor]:
     """PixArt / Sana: T5 (or Gemma) states and the padding mask the pipeline passes with them."""
     embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipe.device,
@@ -213,7 +228,8 @@ class FamilyAdapter(ABC):
     family: str = ""
     class_name: str = ""
     block_groups: tuple[BlockGroup, ...] = (BlockGroup("transformer_blocks", "num_layers"),)
-    text_tokens: int = 8  # prompt length used for synthetic text conditions
+    text_tokens: int = 8  # prompt length of random text conditions (a pipeline's own, once followed)
+    text_mask: bool = False  # random text conditions carry a padding mask (a followed pipeline's)
     rotary: bool = False  # attention applies rotary position embeddings (passed to each block)
     timestep_scale: float = 1.0  # the model's forward takes scheduler timesteps divided by this
     # Layout details that differ by family (block parts are named by block kind).
@@ -262,6 +278,20 @@ class FamilyAdapter(ABC):
         """The conditions the pipeline `pipe` gives the transformer for `prompts`, through its own
         `encode_prompt` (its tokenizers and text encoders)."""
         raise UnsupportedModelError(f"{self.class_name} is not driven by text prompts")
+
+    pipeline_masks: bool = False  # the family's pipelines pass a padding mask with the prompt states
+
+    @classmethod
+    def pipeline_text_tokens(cls, folder: Path, max_sequence_length: int) -> int:
+        """Length of the prompt states the family's pipeline in `folder` gives the transformer."""
+        return max_sequence_length
+
+    def follow_pipeline(self, text_tokens: int) -> "FamilyAdapter":
+        """Random and example conditions laid out like the pipeline's encoded prompts (their length,
+        and the padding mask where the pipeline passes one), so that exported graphs, deployment cards
+        and timings take what the pipeline gives the transformer."""
+        self.text_tokens, self.text_mask = int(text_tokens), self.pipeline_masks
+        return self
 
     def set_timesteps(self, scheduler, steps: int) -> None:
         """The sampling timesteps the family's pipeline sets: with a resolution-dependent shift
@@ -373,10 +403,26 @@ class DiTAdapter(FamilyAdapter):
 
 
 class _TableModulated:
-    """PixArt / Sana: one AdaLN-single projection of the timestep, offset by a learned table per block."""
+    """PixArt / Sana: one AdaLN-single projection of the timestep, offset by a learned table per block;
+    their pipelines pass the prompt's padding mask with its states."""
+
+    pipeline_masks = True
 
     def _modulation(self, kind, block, prefix):
         return (f"{prefix}.scale_shift_table",)
+
+    def random_conditions(self, n, generator):
+        d = int(self.config["caption_channels"])
+        cond = {"encoder_hidden_states": torch.randn(n, self.text_tokens, d, generator=generator)}
+        if self.text_mask:
+            cond["encoder_attention_mask"] = torch.ones(n, self.text_tokens, dtype=torch.long)
+        return cond
+
+    def null_conditions(self, cond):
+        null = super().null_conditions(cond)
+        if "encoder_attention_mask" in cond:  # zero states, attended as the prompt's are (a copy, as for guidance)
+            null["encoder_attention_mask"] = cond["encoder_attention_mask"].clone()
+        return null
 
 
 class PixArtAdapter(_TableModulated, FamilyAdapter):
@@ -386,10 +432,6 @@ class PixArtAdapter(_TableModulated, FamilyAdapter):
 
     def _embedding(self, model):
         return ("adaln_single.emb",)
-
-    def random_conditions(self, n, generator):
-        d = int(self.config["caption_channels"])
-        return {"encoder_hidden_states": torch.randn(n, self.text_tokens, d, generator=generator)}
 
     pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
 
@@ -431,6 +473,11 @@ class SD3Adapter(_MMDiT, FamilyAdapter):
         }
 
     pipeline_classes = ("StableDiffusion3Pipeline",)
+
+    @classmethod
+    def pipeline_text_tokens(cls, folder, max_sequence_length):
+        # Both CLIPs' states, padded to the CLIP tokenizer's length, then T5's.
+        return _tokenizer_length(Path(folder) / "tokenizer") + max_sequence_length
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=pipe.device,
@@ -534,10 +581,6 @@ class SanaAdapter(_TableModulated, FamilyAdapter):
 
     def _embedding(self, model):
         return ("time_embed.emb",)
-
-    def random_conditions(self, n, generator):
-        d = int(self.config["caption_channels"])
-        return {"encoder_hidden_states": torch.randn(n, self.text_tokens, d, generator=generator)}
 
     pipeline_classes = ("SanaPipeline",)
 

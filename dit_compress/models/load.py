@@ -44,9 +44,17 @@ class LoadedModel:
         return type(self.model).__name__
 
     def with_model(self, model: nn.Module) -> "LoadedModel":
-        """The same setting (scheduler, card, conditioner) around another model, e.g. a student."""
-        return LoadedModel(model, get_adapter(model, self.latent_size, self.conditioner), self.scheduler_config,
-                           self.source, self.card, self.latent_size, self.conditioner, self.pipeline)
+        """The same setting (scheduler, card, conditioner, pipeline) around another model, e.g. a student."""
+        return LoadedModel(model, adapter_for(model, self.latent_size, self.conditioner, self.pipeline),
+                           self.scheduler_config, self.source, self.card, self.latent_size, self.conditioner,
+                           self.pipeline)
+
+
+def adapter_for(model: nn.Module, latent_size: int | None, conditioner: nn.Module | None,
+                pipeline: "TextPipeline | None") -> FamilyAdapter:
+    """`model`'s adapter, its example conditions laid out like `pipeline`'s encoded prompts."""
+    adapter = get_adapter(model, latent_size, conditioner)
+    return adapter.follow_pipeline(pipeline.text_tokens) if pipeline is not None else adapter
 
 
 def zoo_names() -> list[str]:
@@ -120,7 +128,7 @@ def load_transformer(
         conditioner = LabelConditioner.load(Path(source) / card["conditioner"])
     pipeline = TextPipeline.find(path, card) if path.is_dir() and subfolder == "transformer" else None
     latent_size = latent_size or card.get("latent_size")
-    return LoadedModel(model, get_adapter(model, latent_size, conditioner), _scheduler_config(source),
+    return LoadedModel(model, adapter_for(model, latent_size, conditioner, pipeline), _scheduler_config(source),
                        source_in, card, latent_size, conditioner, pipeline)
 
 

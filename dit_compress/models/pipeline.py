@@ -37,6 +37,7 @@ class TextPipeline:
     folder: Path
     class_name: str
     max_sequence_length: int        # the T5 (or Gemma) length prompts are encoded at
+    text_tokens: int                # length of the prompt states the transformer is given
     negative_prompt: str = ""       # what guidance pushes away from
     card: dict = field(default_factory=dict)
     _pipe: object = field(default=None, repr=False)
@@ -57,10 +58,11 @@ class TextPipeline:
         encoders = [k for k, v in index.items() if k.startswith("text_encoder") and isinstance(v, list) and v[0]]
         if not encoders:
             return None
-        adapter_for_pipeline(name)  # raises with the supported pipelines
+        family = adapter_for_pipeline(name)  # raises with the supported pipelines
         sampling = (card or {}).get("sampling", {})
-        length = sampling.get("max_sequence_length") or _call_default(name, "max_sequence_length")
-        return cls(Path(folder), name, int(length), str(sampling.get("negative_prompt", "")), card or {})
+        length = int(sampling.get("max_sequence_length") or _call_default(name, "max_sequence_length"))
+        return cls(Path(folder), name, length, family.pipeline_text_tokens(Path(folder), length),
+                   str(sampling.get("negative_prompt", "")), card or {})
 
     # -- components ------------------------------------------------------------------
     def components(self):
