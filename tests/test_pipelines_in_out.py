@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -190,6 +191,13 @@ def test_onnx_graph_takes_the_pipelines_conditions(compressed, tmp_path):
     with torch.no_grad():
         want = restored.adapter.denoise(restored.model, x, t, cond)
     assert (artifact.adapter.denoise(artifact.model, x, t, cond) - want).abs().max() <= 1e-4
+    # `ditc sample --prompt`: the pipeline's encoded prompts (states and mask) fit the graph.
+    from dit_compress.cli import main
+
+    r = CliRunner().invoke(main, ["sample", str(tmp_path / "student.onnx"), "-o", str(tmp_path / "grid.png"),
+                                  "--prompt", PROMPTS[0], "--reference", str(run.ckpt)])
+    assert r.exit_code == 0, r.output
+    assert float(re.search(r"PSNR vs the PyTorch path .*: ([\d.]+) dB", r.output).group(1)) > 40.0
 
 
 def test_ditc_run_writes_a_pipeline_that_generates(tiny_pipeline, tmp_path):

@@ -133,8 +133,6 @@ def load_compressed(folder: str | Path) -> LoadedModel:
     model.eval().requires_grad_(False)
     card = base.get("card") or {}
     pipeline = TextPipeline.find(folder / PIPELINE, card)
-    if pipeline is not None:
-        adapter.follow_pipeline(pipeline.text_tokens)
     return LoadedModel(model, adapter, base["scheduler_config"], f"compressed:{folder}", card,
                        base.get("latent_size"), conditioner, pipeline)
 

@@ -34,10 +34,10 @@ class LoadedModel:
     pipeline: "TextPipeline | None" = None  # the text-to-image pipeline the transformer came in
 
     def __post_init__(self):
-        # Example and synthetic prompts as long as the pipeline's: an exported graph's text axis is
-        # static, so this is the length that encoded prompts must fit.
+        # Example and synthetic prompts laid out as the pipeline's encoded ones (length, padding mask):
+        # an exported graph's text axis is static, so this is what encoded prompts must fit.
         if self.pipeline is not None and not self.adapter.num_classes:
-            self.adapter.text_tokens = self.pipeline.max_sequence_length
+            self.adapter.follow_pipeline(self.pipeline.text_tokens)
 
     @property
     def class_name(self) -> str:
@@ -45,16 +45,8 @@ class LoadedModel:
 
     def with_model(self, model: nn.Module) -> "LoadedModel":
         """The same setting (scheduler, card, conditioner, pipeline) around another model, e.g. a student."""
-        return LoadedModel(model, adapter_for(model, self.latent_size, self.conditioner, self.pipeline),
-                           self.scheduler_config, self.source, self.card, self.latent_size, self.conditioner,
-                           self.pipeline)
-
-
-def adapter_for(model: nn.Module, latent_size: int | None, conditioner: nn.Module | None,
-                pipeline: "TextPipeline | None") -> FamilyAdapter:
-    """`model`'s adapter, its example conditions laid out like `pipeline`'s encoded prompts."""
-    adapter = get_adapter(model, latent_size, conditioner)
-    return adapter.follow_pipeline(pipeline.text_tokens) if pipeline is not None else adapter
+        return LoadedModel(model, get_adapter(model, self.latent_size, self.conditioner), self.scheduler_config,
+                           self.source, self.card, self.latent_size, self.conditioner, self.pipeline)
 
 
 def zoo_names() -> list[str]:
@@ -128,7 +120,7 @@ def load_transformer(
         conditioner = LabelConditioner.load(Path(source) / card["conditioner"])
     pipeline = TextPipeline.find(path, card) if path.is_dir() and subfolder == "transformer" else None
     latent_size = latent_size or card.get("latent_size")
-    return LoadedModel(model, adapter_for(model, latent_size, conditioner, pipeline), _scheduler_config(source),
+    return LoadedModel(model, get_adapter(model, latent_size, conditioner), _scheduler_config(source),
                        source_in, card, latent_size, conditioner, pipeline)
 
 
