@@ -273,6 +273,7 @@ class FamilyAdapter(ABC):
 
     # -- text pipelines --------------------------------------------------------------
     pipeline_classes: tuple[str, ...] = ()  # diffusers pipelines that drive this transformer
+    pipeline_latent_size: int | None = None  # the pipeline's default latent side, where the config has none
 
     def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """The conditions the pipeline `pipe` gives the transformer for `prompts`, through its own
@@ -511,6 +512,7 @@ class FluxAdapter(_MMDiT, FamilyAdapter):
         BlockGroup("single_transformer_blocks", "num_single_layers", SINGLE_BLOCK),
     )
     guidance_scale = 3.5  # distilled-guidance models take it as an input
+    pipeline_latent_size = 128  # FluxPipeline's default: 1024 px through the 8x VAE (the config has no sample_size)
     rotary = True
     timestep_scale = 1000.0  # Flux takes t in 0..1
 

@@ -120,6 +120,8 @@ def load_transformer(
         conditioner = LabelConditioner.load(Path(source) / card["conditioner"])
     pipeline = TextPipeline.find(path, card) if path.is_dir() and subfolder == "transformer" else None
     latent_size = latent_size or card.get("latent_size")
+    if latent_size is None and pipeline is not None and not model.config.get("sample_size"):
+        latent_size = adapter_for_class(type(model).__name__).pipeline_latent_size
     return LoadedModel(model, get_adapter(model, latent_size, conditioner), _scheduler_config(source),
                        source_in, card, latent_size, conditioner, pipeline)
 
