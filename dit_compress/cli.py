@@ -1,11 +1,12 @@
-"""`ditc`: a thin command line over the library. Errors print one `error:` line per problem and exit 2."""
+"""`ditc`: a thin command line over the library. Every command ends in one of the exit codes
+below; a failure prints one `error:` line per problem (the traceback only with `ditc --debug`)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -14,19 +15,35 @@ from .cli_options import (THREADS_ENV, ConfigOption, config_option, quiet_librar
                           set_threads, stage_options)
 from .errors import DitcError
 
-EXIT_ERROR, EXIT_GATE = 2, 1
+# What a CI job reads (README "Exit codes"): click's own usage errors are EXIT_ERROR too.
+EXIT_GATE, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
-def _errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+class _Ditc(click.Group):
+    """The top-level group: the one place where any command's exception becomes an exit code,
+    so a command cannot forget it and a crash never exits 1 like a failed gate."""
+
+    def invoke(self, ctx: click.Context):
         try:
-            return fn(*args, **kwargs)
-        except DitcError as e:
-            for line in str(e).splitlines():  # a recipe may have several problems, one per line
-                click.echo(f"error: {line}", err=True)
-            sys.exit(EXIT_ERROR)
-    return wrapper
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors, --help, --version: click prints and exits (2 for usage errors)
+        except DitcError as e:  # bad input: the message names the file, the field and what was expected
+            _fail(ctx, e, str(e).splitlines(), EXIT_ERROR)  # a recipe may have several problems, one per line
+        except KeyboardInterrupt as e:
+            _fail(ctx, e, ["interrupted"], EXIT_INTERRUPTED)
+        except Exception as e:
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            hint = "" if ctx.params.get("debug") else " (run `ditc --debug ...` for the traceback)"
+            _fail(ctx, e, [f"internal error: {type(e).__name__}{': ' + first if first else ''}{hint}"], EXIT_INTERNAL)
+
+
+def _fail(ctx: click.Context, e: BaseException, lines: list[str], code: int):
+    if ctx.params.get("debug"):
+        click.echo("".join(traceback.format_exception(e)).rstrip(), err=True)  # with its chained causes
+    for line in lines:
+        click.echo(f"error: {line}", err=True)
+    sys.exit(code)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -53,14 +70,15 @@ def _print_gate(report: dict) -> int:
     return 0 if gate["passed"] else EXIT_GATE
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Ditc, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dit_compress")
 @click.option("-v", "--verbose", is_flag=True,
               help="Debug logging, and the library warnings ditc otherwise filters out.")
+@click.option("--debug", is_flag=True, help="On an error, print its Python traceback (with chained exceptions).")
 @click.option("--threads", type=click.IntRange(min=1), envvar=THREADS_ENV, show_envvar=True,
               help="PyTorch and ONNX Runtime intra-op threads [default: one per core]. On a busy machine, "
                    "fewer threads than cores can be far faster (see docs/cli.md).")
-def main(verbose: bool, threads: int | None) -> None:
+def main(verbose: bool, debug: bool, threads: int | None) -> None:
     """dit_compress: compress Diffusion Transformers, export them, and gate their quality."""
     _setup_logging(verbose)
     if not verbose:
@@ -78,7 +96,6 @@ redo_option = click.option("--redo-eval", is_flag=True,
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @set_option
-@_errors
 def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check RECIPE without loading any weights: every error at once (types, ranges, stage names,
     keys, with "did you mean"), and the model source as `run` will find it (zoo name, path, class).
@@ -105,7 +122,6 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 @set_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (default exports/NAME).")
 @redo_option
-@_errors
 def run(recipe: Path, overrides: tuple[str, ...], out: Path | None, redo_eval: bool) -> None:
     """Run RECIPE end to end; exit 1 if its quality gate fails. Re-running resumes; a finished run
     of the same recipe reuses its report and re-applies the gate."""
@@ -199,7 +215,6 @@ def _run_one_off(ctx: click.Context, params: dict, stage: str, model: str, out: 
               help="Only analyse block redundancy (similarity, CKA, linear probes, intervals); prune nothing.")
 @one_off_options
 @click.pass_context
-@_errors
 def prune(ctx: click.Context, model: str, out: Path, analyse_only: bool, **params) -> None:
     """Prune MODEL (zoo:NAME, folder, hub id), recover it, export and report; writes a run folder."""
     if analyse_only:
@@ -223,7 +238,6 @@ def prune(ctx: click.Context, model: str, out: Path, analyse_only: bool, **param
 @config_option("--steps", section="moe", path="recover.steps", help="Distillation steps.")
 @one_off_options
 @click.pass_context
-@_errors
 def moe(ctx: click.Context, model: str, out: Path, **params) -> None:
     """Dense2MoE: turn MODEL's FFNs into mixtures of experts, distil, export and report."""
     _run_one_off(ctx, params, "moe", model, out, "ditc moe")
@@ -243,7 +257,6 @@ ATTENTION = ("lit", "clear")
 @config_option("--feature-weight", section=ATTENTION, path="recover.feature_weight")
 @one_off_options
 @click.pass_context
-@_errors
 def attention(ctx: click.Context, model: str, method: str, out: Path, **params) -> None:
     """Replace MODEL's softmax attention by LiT linear or CLEAR local attention, distil, export and report."""
     for param in ctx.command.params:
@@ -269,7 +282,6 @@ def _distill_default(name: str):
                help="Weight of hidden-state matching at the last stage's mapped layers.",
                default_of=lambda: _distill_default("feature_weight"))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="New checkpoint folder.")
-@_errors
 def distill(checkpoint: Path, steps: int | None, lr: float | None, feature_weight: float | None, out: Path) -> None:
     """Continue distilling a compressed CHECKPOINT from its teacher; writes a new checkpoint.
 
@@ -296,7 +308,6 @@ PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]
 @click.option("--guidance", type=click.FloatRange(min=1.0),
               help="Default guidance scale written to the card [default: the model card's, else 1].")
 @config_option("--latent-size", section="model", path="latent_size")
-@_errors
 def export(model: str, out: Path, batch: int | None, atol: float | None, precisions: tuple[str, ...],
            steps: int | None, guidance: float | None, latent_size: int | None) -> None:
     """Export MODEL (a compressed checkpoint or any loadable model) to ONNX with a parity check.
@@ -352,7 +363,6 @@ def export(model: str, out: Path, batch: int | None, atol: float | None, precisi
                    "through PyTorch with the same noise, conditions, steps and guidance; prints the PSNR of "
                    "ARTIFACT's samples against it (100 dB: identical). With prompts, in image space after the "
                    "same VAE, and the grid shows ONNX above PyTorch.")
-@_errors
 def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: Path | None,
            prompt_texts: tuple[str, ...], prompts_file: Path | None, pipeline_folder: str | None,
            steps: int | None, guidance: float | None, seed: int, reference: str | None) -> None:
@@ -399,7 +409,6 @@ def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: 
               default=("fp16", "int8-dynamic"), show_default=True, help="ONNX variants to time besides fp32.")
 @click.option("--repeats", type=int, default=20, show_default=True)
 @config_option("--latent-size", section="model", path="latent_size")
-@_errors
 def bench(dense: str, compressed: str | None, out: Path, batches: str, threads: str, precisions: tuple[str, ...],
           repeats: int, latent_size: int | None) -> None:
     """Latency table: DENSE vs COMPRESSED, PyTorch vs ONNX Runtime precisions, batches, threads."""
@@ -425,7 +434,6 @@ def _ints(text: str, option: str) -> list[int]:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @set_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
-@_errors
 def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path) -> None:
     """Evaluate a compressed CHECKPOINT against its teacher (report + gate, exit 1 if it fails)."""
     from .core.pipeline import evaluate_checkpoint
@@ -438,7 +446,6 @@ def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path) -> None:
 @click.argument("report", type=click.Path(path_type=Path))
 @click.option("--gate", "gate_file", type=click.Path(path_type=Path),
               help="YAML gate file (a `gate:` list) or recipe whose gate to check instead of the report's own.")
-@_errors
 def check(report: Path, gate_file: Path | None) -> None:
     """Re-check the quality gate of REPORT (report.json); exit 1 if it is violated, 2 if REPORT or the
     gate file cannot be read."""
@@ -540,7 +547,6 @@ def adapter() -> None:
 @click.option("--name", help="Adapter name [default: the task's].")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Folder: the adapter (or the full model), metrics.json and samples.png.")
-@_errors
 def adapter_train(source: str, task: str, method: str, steps: int, batch_size: int, lr: float | None,
                   name: str | None, out: Path) -> None:
     """Adapt SOURCE (a model or compressed checkpoint) to a new task; the base weights stay frozen."""
@@ -586,7 +592,6 @@ def torch_labels(num_classes: int, n: int):
 @click.option("--guidance", type=click.FloatRange(min=1.0), help="Guidance scale [default: the model card's].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Image grid (.png).")
-@_errors
 def adapter_sample(source: str, folders: tuple[Path, ...], active: str | None, labels: str | None, num: int,
                    steps: int | None, guidance: float | None, seed: int, out: Path) -> None:
     """Sample SOURCE with task adapters loaded by folder and one of them switched on by name."""
@@ -619,7 +624,6 @@ def adapter_sample(source: str, folders: tuple[Path, ...], active: str | None, l
 @config_option("--atol", section="export", path="parity_atol", help="Parity limit (max abs error).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output .onnx path, or a folder with --bake-steps.")
-@_errors
 def adapter_export(source: str, folders: tuple[Path, ...], active: str | None, bake_steps: int | None,
                    atol: float | None, out: Path) -> None:
     """Export SOURCE with an adapter to ONNX, with the parity check."""
@@ -661,7 +665,6 @@ def codec() -> None:
               help="Phase 2: the encoder frozen, the synthesis transform and DiT learn the one-step decode.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Folder; each codec goes to OUT/lambda-VALUE.")
-@_errors
 def codec_train(teacher: str, lams: tuple[float, ...], transform_steps: int, decoder_steps: int, out: Path) -> None:
     """Train codecs on patches of scikit-image's photos (held-out photos are never used).
     Codecs already complete in OUT are kept, so an interrupted run resumes with the next rate."""
@@ -699,7 +702,6 @@ def _read_gray(path: Path):
 @click.argument("codec_dir", type=click.Path(path_type=Path))
 @click.argument("image", type=click.Path(path_type=Path, exists=True))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The .ditc file.")
-@_errors
 def codec_encode(codec_dir: Path, image: Path, out: Path) -> None:
     """Compress IMAGE (converted to grayscale) to a .ditc file with the codec in CODEC_DIR."""
     from .codec.files import compress
@@ -721,7 +723,6 @@ def codec_encode(codec_dir: Path, image: Path, out: Path) -> None:
 @click.option("--sampling-steps", "steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="DiT steps (the method is one).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Decoded image (.png).")
-@_errors
 def codec_decode(codec_dir: Path, file: Path, steps: int, out: Path) -> None:
     """Decode a .ditc FILE with the codec that wrote it."""
     import numpy as np
@@ -741,7 +742,6 @@ def codec_decode(codec_dir: Path, file: Path, steps: int, out: Path) -> None:
 @codec.command("eval")
 @click.argument("codec_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
-@_errors
 def codec_eval(codec_dirs: tuple[Path, ...], out: Path) -> None:
     """Rate-distortion of the codecs against JPEG and WebP on held-out photos (report.md, rd.png)."""
     from .codec.evaluate import evaluate_codecs
