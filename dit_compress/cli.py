@@ -138,8 +138,12 @@ def _figures(r: dict) -> str:
     q, c = r["quality"], r["cost"]
     parts = [f"params x{c['param_ratio']}", f"MACs x{c['macs_ratio']}", f"PSNR {q['psnr_db']:.2f} dB"]
     if "fd_ratio" in q:
-        parts += [f"FD ratio {q['fd_ratio']:.3f}",
-                  f"guided acc {q['guided_accuracy_teacher']:.3f} -> {q['guided_accuracy_student']:.3f}"]
+        parts.append(f"FD ratio {q['fd_ratio']:.3f}")
+    if "adherence" in q:  # a text-to-image pipeline teacher: every attribute of the prompt right
+        a = q["adherence"]["all"]
+        parts.append(f"prompt adherence {a['teacher']:.3f} -> {a['student']:.3f}")
+    elif "guided_accuracy_teacher" in q:
+        parts.append(f"guided acc {q['guided_accuracy_teacher']:.3f} -> {q['guided_accuracy_student']:.3f}")
     if "onnx_latency_ratio" in c:
         parts.append(f"ONNX latency x{c['onnx_latency_ratio']}")
     return ", ".join(parts)

@@ -79,3 +79,14 @@ def test_gate_failure_bad_input_and_usage_errors(report, tmp_path):
     assert res.exit_code == 2 and "Traceback" in res.output and _lines(res)[-1].startswith("error: "), res.output
     assert _cli("check", report, "--no-such-option").exit_code == 2
     assert _cli("no-such-command").exit_code == 2
+
+
+def test_run_summary_names_prompt_adherence_for_pipeline_teachers():
+    # A pipeline teacher's report has adherence and FD but no class accuracy: the summary line must
+    # say what it has (it raised KeyError on 'guided_accuracy_teacher' after a finished run).
+    from dit_compress.cli import _figures
+
+    report = {"quality": {"psnr_db": 30.0, "fd_ratio": 1.5,
+                          "adherence": {"all": {"teacher": 0.68, "student": 0.39}}},
+              "cost": {"param_ratio": 0.66, "macs_ratio": 0.5}}
+    assert "prompt adherence 0.680 -> 0.390" in _figures(report) and "guided acc" not in _figures(report)
