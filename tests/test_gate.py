@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from dit_compress.cli import main
-from dit_compress.evaluate.gate import check_gate
+from dit_compress.evaluate.gate import check_gate, describe_failures
 
 REPORT = {"quality": {"fd_ratio": 1.4, "psnr_db": 22.0}, "cost": {"param_ratio": 0.5},
           "recipe": {"gate": [{"metric": "quality.fd_ratio", "max": 2.0}]}}
@@ -41,3 +41,14 @@ def test_gate_reaches_into_lists():
     g = check_gate(report, [{"metric": "stages.0.metadata.activation.ffn_activated_ratio", "max": 0.4},
                             {"metric": "stages.1.metadata.x", "max": 1}])
     assert [r["ok"] for r in g["rules"]] == [True, False] and g["rules"][1]["value"] is None
+
+
+def test_non_finite_metrics_fail_every_rule():
+    # -inf satisfies any `max` and +inf any `min` arithmetically; NaN compares false both ways:
+    # a diverged metric must fail its rule, not pass it.
+    rules = [{"metric": "quality.fd_ratio", "max": 1.5}, {"metric": "quality.psnr_db", "min": 12.0},
+             {"metric": "quality.ssim", "min": 0.5}]
+    report = {"quality": {"fd_ratio": float("-inf"), "psnr_db": float("inf"), "ssim": float("nan")}}
+    gate = check_gate(report, rules)
+    assert not gate["passed"] and not any(r["ok"] for r in gate["rules"])
+    assert all("not a finite number" in line for line in describe_failures(gate))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def lookup(report: dict, dotted: str) -> float | None:
     """The number at `dotted` (dict keys, list indices) in the report, or None if absent or not a number."""
@@ -17,15 +19,17 @@ def lookup(report: dict, dotted: str) -> float | None:
 
 
 def check_gate(report: dict, rules: list[dict]) -> dict:
-    """Evaluate every rule; a missing metric fails its rule. `passed` is False if any rule fails."""
+    """Evaluate every rule; a missing or non-finite metric (NaN, an infinite loss) fails its rule.
+    `passed` is False if any rule fails."""
     results = []
     for rule in rules:
         value = lookup(report, rule["metric"])
         kind = "max" if rule.get("max") is not None else "min"
         bound = rule[kind]
-        ok = value is not None and (value <= bound if kind == "max" else value >= bound)
+        finite = value is not None and math.isfinite(value)
+        ok = finite and (value <= bound if kind == "max" else value >= bound)
         results.append({"metric": rule["metric"], "kind": kind, "bound": bound, "value": value, "ok": ok,
-                        "by": None if value is None else (0.0 if ok else round(abs(value - bound), 6))})
+                        "by": None if not finite else (0.0 if ok else round(abs(value - bound), 6))})
     return {"passed": all(r["ok"] for r in results), "rules": results}
 
 
@@ -36,6 +40,8 @@ def describe_failures(gate: dict) -> list[str]:
             continue
         if r["value"] is None:
             lines.append(f"gate failed: {r['metric']} is not in the report (see report.json for metric names)")
+        elif not math.isfinite(r["value"]):
+            lines.append(f"gate failed: {r['metric']} = {r['value']} is not a finite number")
         else:
             lines.append(f"gate failed: {r['metric']} = {r['value']:.4g} violates {r['kind']} {r['bound']:g} "
                          f"(by {r['by']:.4g})")
