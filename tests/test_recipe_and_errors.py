@@ -136,3 +136,15 @@ def test_corrupt_or_missing_checkpoint(tmp_path, damage, message):
 def test_shipped_recipes_validate(path):
     res = _cli("validate", str(path))
     assert res.exit_code == 0 and res.output.startswith("ok: "), res.output
+
+
+def test_sample_counts_are_bounded_at_validation():
+    # A huge count must fail as a recipe error naming the field, not later as an allocation.
+    from dit_compress.core.recipe import parse_recipe
+    from dit_compress.errors import RecipeError
+
+    base = {"name": "big", "model": {"source": "zoo:digits-dit"}, "stages": [{"prune": {"method": "depth", "ratio": 0.5}}]}
+    for section, field in (("calibration", "num_samples"), ("evaluation", "num_samples"),
+                           ("evaluation", "compare_samples")):
+        with pytest.raises(RecipeError, match=f"{section}.{field}"):
+            parse_recipe({**base, section: {field: 2_000_000}})

@@ -27,12 +27,12 @@ class ModelSpec(StrictConfig):
 
 
 class EvaluationSpec(StrictConfig):
-    num_samples: int = Field(500, ge=10, description="samples per seed for class and Fréchet metrics")
+    num_samples: int = Field(500, ge=10, le=1_000_000, description="samples per seed for class and Fréchet metrics")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    compare_samples: int = Field(100, ge=1, description="student-vs-teacher samples for PSNR/SSIM")
+    compare_samples: int = Field(100, ge=1, le=1_000_000, description="student-vs-teacher samples for PSNR/SSIM")
     sampling_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=1.0)
-    denoiser_samples: int = Field(256, ge=8)
+    denoiser_samples: int = Field(256, ge=8, le=1_000_000)
     timestep_bands: int = Field(4, ge=1, le=20)
     latency_batch: int = Field(16, ge=1)
     latency_repeats: int = Field(20, ge=3)

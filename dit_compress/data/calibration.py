@@ -35,7 +35,8 @@ COND_PREFIX, NULL_PREFIX = "cond.", "null."
 
 
 class CalibrationSpec(StrictConfig):
-    num_samples: int = Field(256, ge=8, description="teacher samples in the pool")
+    # Bounded: every sample is a teacher sampling run kept in memory; 1e20 must fail validation, not allocation.
+    num_samples: int = Field(256, ge=8, le=1_000_000, description="teacher samples in the pool")
     sampling_steps: int | None = Field(None, ge=1, description="default: the model card's, else 16")
     guidance_scale: float | None = Field(None, ge=1.0, description="default: the model card's, else 1")
     uncond_fraction: float = Field(0.25, ge=0.0, le=1.0, description=(
