@@ -98,3 +98,29 @@ def tiny_pipeline(tmp_path_factory):
             folders[family] = save_tiny_pipeline(family, tmp_path_factory.mktemp(f"pipeline-{family}"))
         return folders[family]
     return get
+
+
+def tiny_loaded(family: str):
+    """A tiny model of `family` as the pipeline loads a teacher (rectified-flow schedule)."""
+    from dit_compress.models.families import get_adapter
+    from dit_compress.models.load import LoadedModel
+    from dit_compress.sampling import DEFAULT_SCHEDULER
+
+    model = tiny_model(family)
+    return LoadedModel(model, get_adapter(model, LATENT), dict(DEFAULT_SCHEDULER), f"tiny:{family}",
+                       latent_size=LATENT)
+
+
+@pytest.fixture(scope="session")
+def calibrated():
+    """calibrated(family) -> (tiny teacher, a 16-sample calibration set), built once per family."""
+    from dit_compress.data.calibration import CalibrationSpec, build_calibration
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            teacher = tiny_loaded(family)
+            cache[family] = teacher, build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
+        return cache[family]
+    return get

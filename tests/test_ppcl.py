@@ -11,31 +11,11 @@ from conftest import LATENT, tiny_model
 from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
 from dit_compress.core.pipeline import apply_stage
 from dit_compress.core.stage import StageContext, get_stage
-from dit_compress.data.calibration import CalibrationSpec, build_calibration
 from dit_compress.errors import RecipeError, UnsupportedModelError
-from dit_compress.models.families import get_adapter
-from dit_compress.models.load import LoadedModel
-from dit_compress.sampling import DEFAULT_SCHEDULER
 from dit_compress.stages.prune.ppcl import ContiguousLayerObjective, Interval, PluggableSupernet, make_plans, \
     plan_removal, streams
 from dit_compress.stages.prune.width import attention_modules, replay_width_, width_prune_
 
-
-def _loaded(family):
-    model = tiny_model(family)
-    return LoadedModel(model, get_adapter(model, LATENT), dict(DEFAULT_SCHEDULER), f"tiny:{family}")
-
-
-@pytest.fixture(scope="module")
-def calibrated():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            teacher = _loaded(family)
-            cache[family] = teacher, build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
-        return cache[family]
-    return get
 
 
 # -- planning ----------------------------------------------------------------------------

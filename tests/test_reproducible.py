@@ -10,25 +10,12 @@ import copy
 import pytest
 import torch
 
-from test_stage_matrix import ROWS, loaded, supports
+from test_stage_matrix import ROWS, supports
 from dit_compress.core.pipeline import apply_stage
 from dit_compress.core.stage import StageContext, get_stage
-from dit_compress.data.calibration import CalibrationSpec, build_calibration
 
 FAMILIES = ("dit", "sd3")  # sd3: joint attention, the other LiT/CLEAR processors
 CASES = [(row, family) for family in FAMILIES for row in ROWS if supports(row, family)]
-
-
-@pytest.fixture(scope="module")
-def teachers():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            teacher = loaded(family)
-            cache[family] = teacher, build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
-        return cache[family]
-    return get
 
 
 def _twice(row: str, teacher, calib, work):
@@ -51,17 +38,17 @@ def _differing(a: dict, b: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("row, family", CASES, ids=[f"{r}-{f}" for r, f in CASES])
-def test_a_stage_twice_gives_identical_weights(row, family, teachers, tmp_path):
-    (a, record_a), (b, record_b) = _twice(row, *teachers(family), tmp_path)
+def test_a_stage_twice_gives_identical_weights(row, family, calibrated, tmp_path):
+    (a, record_a), (b, record_b) = _twice(row, *calibrated(family), tmp_path)
     differ = _differing(a, b)
     assert not differ, f"{row} on {family}: {len(differ)} of {len(a)} tensors differ run to run, e.g. {differ[:3]}"
     assert record_a == record_b  # the same recorded plan: a restore rebuilds the same architecture
 
 
-def test_an_unseeded_initialisation_would_be_caught(teachers, tmp_path, monkeypatch):
+def test_an_unseeded_initialisation_would_be_caught(calibrated, tmp_path, monkeypatch):
     """Without its seed, LiT's fresh attention weights differ run to run: what the test above rules out."""
     import dit_compress.stages.attention.stage as attention
 
     monkeypatch.setattr(attention, "seeded", lambda seed: contextlib.nullcontext())
-    (a, _), (b, _) = _twice("lit", *teachers("dit"), tmp_path)
+    (a, _), (b, _) = _twice("lit", *calibrated("dit"), tmp_path)
     assert any(".to_q." in n for n in _differing(a, b))

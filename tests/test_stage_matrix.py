@@ -11,16 +11,13 @@ import onnx
 import pytest
 import torch
 
-from conftest import FAMILIES, LATENT, tiny_model
+from conftest import FAMILIES, LATENT, tiny_loaded
 from dit_compress.core.manifest import base_reference, load_compressed, save_compressed
 from dit_compress.core.pipeline import apply_stage
 from dit_compress.core.stage import STAGES, StageContext, get_stage
-from dit_compress.data.calibration import CalibrationSpec, build_calibration
 from dit_compress.errors import UnsupportedModelError
 from dit_compress.export.onnx import export_onnx
-from dit_compress.models.families import get_adapter
 from dit_compress.models.load import LoadedModel
-from dit_compress.sampling import DEFAULT_SCHEDULER
 
 TWO_STEPS = {"steps": 2, "batch_size": 4}
 
@@ -37,22 +34,6 @@ ROWS = {
 }
 
 
-def loaded(family: str) -> LoadedModel:
-    model = tiny_model(family)
-    return LoadedModel(model, get_adapter(model, LATENT), dict(DEFAULT_SCHEDULER), f"tiny:{family}",
-                       latent_size=LATENT)
-
-
-@pytest.fixture(scope="session")
-def calibrated():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            teacher = loaded(family)
-            cache[family] = teacher, build_calibration(teacher, CalibrationSpec(num_samples=16, sampling_steps=2))
-        return cache[family]
-    return get
 
 
 def supports(row: str, family: str) -> bool:
@@ -162,7 +143,7 @@ def test_stage_on_family(row, family, calibrated, tmp_path):
     stage = get_stage(name)
     cfg = stage.config_cls.model_validate(raw)
     if not supports(row, family):
-        teacher = loaded(family)
+        teacher = tiny_loaded(family)
         with pytest.raises(UnsupportedModelError, match=f"stage '{name}' does not support {family} models"):
             # no calibration data: the refusal comes before any work
             apply_stage(stage, cfg, copy.deepcopy(teacher.model), StageContext(teacher, None, tmp_path))

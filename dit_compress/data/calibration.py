@@ -124,14 +124,12 @@ def build_calibration(teacher: LoadedModel, spec: CalibrationSpec, cache_dir: Pa
     go, resumed after an interruption, or read back from the cache."""
     schedule = NoiseSchedule(teacher.scheduler_config)
     steps, guidance = resolved_sampling(teacher, spec.sampling_steps, spec.guidance_scale)
-    key = hashlib.sha256(json.dumps([spec.model_dump(exclude={"uncond_fraction"}), teacher.source, steps, guidance],
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    prompts = calibration_prompts(teacher, spec)
+    keyed = [spec.model_dump(exclude={"uncond_fraction"}), teacher.source, steps, guidance]
+    keyed += [prompts] if prompts else []  # the prompt set is part of what the pool depends on
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir / f"calibration-{key}" if cache_dir else None
     adapter = teacher.adapter
-    prompts = calibration_prompts(teacher, spec)
-    if prompts:
-        key = hashlib.sha256(json.dumps([key, prompts]).encode()).hexdigest()[:12]
-        folder = cache_dir / f"calibration-{key}" if cache_dir else None
     g = torch.Generator().manual_seed(spec.seed)
     cond = adapter.random_conditions(spec.num_samples, g)
     if adapter.num_classes:  # balanced classes make every label equally well covered
