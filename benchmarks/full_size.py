@@ -60,7 +60,7 @@ def main_process(args) -> dict:
     from dit_compress.models.load import load_transformer
     from dit_compress.probes.boundaries import boundary_states
     from dit_compress.probes.redundancy import analyse_states
-    from dit_compress.stages.prune.ppcl import make_plans
+    from dit_compress.stages.prune.hybrid import make_plans
 
     out = Path(args.out) / args.config
     phase = Phases()

@@ -10,6 +10,7 @@ _API = {
     "load_recipe": "dit_compress.core.recipe",
     "run_recipe": "dit_compress.core.pipeline",
     "export_onnx": "dit_compress.export.onnx",
+    "plug": "dit_compress.stages.prune.plug",
 }
 
 

@@ -202,17 +202,21 @@ def _run_one_off(ctx: click.Context, params: dict, stage: str, model: str, out: 
 
 @main.command()
 @click.argument("model")
-@config_option("--method", section="prune", path="method", help="ppcl: PPCL; depth / width: the naive baselines.")
+@config_option("--method", section="prune", path="method",
+               help="ppcl: PPCL as its paper defines it; ppcl-hybrid: this project's earlier variant; "
+                    "depth / width: the naive baselines.")
 @config_option("--ratio", section="prune", path="ratio")
-@config_option("--ratios", section="prune", path="ratios", help="ppcl: comma-separated further ratios trained in "
+@config_option("--ratios", section="prune", path="ratios", help="ppcl: comma-separated smaller sizes plugged from "
                "the same run (written as variants).")
+@config_option("--replace-ffn", section="prune", path="replace_ffn",
+               help="ppcl: fraction of FFNs replaced by least-squares linear maps.")
 @config_option("--remove", section="prune", path="remove",
                help="depth: comma-separated block indices to remove instead of --ratio.")
 @config_option("--select", section="prune", path="select")
 @config_option("--head-fraction", section="prune", path="width.heads",
-               help="ppcl: fraction of attention heads to prune in every block.")
+               help="ppcl-hybrid: fraction of attention heads to prune in every block.")
 @config_option("--ffn-fraction", section="prune", path="width.ffn",
-               help="ppcl: fraction of FFN hidden channels to prune in every block.")
+               help="ppcl-hybrid: fraction of FFN hidden channels to prune in every block.")
 @config_option("--importance", section="prune", path="width.importance")
 @config_option("--steps", section="prune", path="recover.steps", help="Recovery distillation steps.")
 @click.option("--analyse-only", is_flag=True,
@@ -312,8 +316,10 @@ PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]
 @click.option("--guidance", type=click.FloatRange(min=1.0),
               help="Default guidance scale written to the card [default: the model card's, else 1].")
 @config_option("--latent-size", section="model", path="latent_size")
+@click.option("--plug", "plug_keys", metavar="INTERVALS",
+              help="PPCL checkpoint: switch in exactly these trained intervals (e.g. 8-17,20-22; 'none').")
 def export(model: str, out: Path, batch: int | None, atol: float | None, precisions: tuple[str, ...],
-           steps: int | None, guidance: float | None, latent_size: int | None) -> None:
+           steps: int | None, guidance: float | None, latent_size: int | None, plug_keys: str | None) -> None:
     """Export MODEL (a compressed checkpoint or any loadable model) to ONNX with a parity check.
 
     Writes OUT and its card OUT.json (what `ditc sample` needs), and each --precision variant."""
@@ -326,7 +332,12 @@ def export(model: str, out: Path, batch: int | None, atol: float | None, precisi
 
     batch = batch or resolve_field("export", "batch").default
     atol = atol or resolve_field("export", "parity_atol").default
-    loaded = load_any(model, latent_size)
+    if plug_keys is not None:
+        from .stages.prune.plug import parse_plug, plug
+
+        loaded = plug(model, parse_plug(plug_keys))
+    else:
+        loaded = load_any(model, latent_size)
     card = deployment_card(loaded, *resolved_sampling(loaded, steps, guidance))
     info = export_onnx(loaded.model, loaded.adapter, out, batch=batch, atol=atol, card=card)
     click.echo(f"wrote {out}: parity max abs error {info['parity']['max_abs_error']:.3g} (limit {atol:g})")
@@ -438,11 +449,18 @@ def _ints(text: str, option: str) -> list[int]:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @set_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
-def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path) -> None:
+@click.option("--plug", "plug_keys", metavar="INTERVALS",
+              help="PPCL checkpoint: evaluate the size with exactly these intervals switched in (e.g. 8-17).")
+def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path, plug_keys: str | None) -> None:
     """Evaluate a compressed CHECKPOINT against its teacher (report + gate, exit 1 if it fails)."""
     from .core.pipeline import evaluate_checkpoint
 
-    report = evaluate_checkpoint(checkpoint, out, list(overrides))
+    student = None
+    if plug_keys is not None:
+        from .stages.prune.plug import parse_plug, plug
+
+        student = plug(checkpoint, parse_plug(plug_keys))
+    report = evaluate_checkpoint(checkpoint, out, list(overrides), student)
     _finish(report, out)
 
 

@@ -49,7 +49,7 @@ def test_validate_reports_every_error_with_suggestions(tmp_path):
     text = "\n".join(_errors(res))
     for expected in ["stages[0].prune.ratoi: unknown key; did you mean `ratio`?",
                      "stages[0].prune.recover.stpes: unknown key; did you mean `steps`?",
-                     "stages[0].prune.method: Input should be 'ppcl', 'depth' or 'width'",
+                     "stages[0].prune.method: Input should be 'ppcl', 'ppcl-hybrid', 'depth' or 'width'",
                      "stages[1]: unknown stage 'pruen'; did you mean `prune`?",
                      "stages[2].moe.segments: Input should be greater than or equal to 2",
                      "evaluation.num_sample: unknown key; did you mean `num_samples`?",

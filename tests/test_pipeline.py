@@ -139,10 +139,11 @@ def test_ditc_prune_one_off(run_dir, tmp_path):
     assert (tmp_path / "p" / "onnx" / "student.onnx").is_file()
 
 
-def test_ditc_prune_ppcl_writes_every_ratio_of_one_run(run_dir, tmp_path):
+def test_ditc_prune_ppcl_writes_every_size_of_one_run_and_plugs_any(run_dir, tmp_path):
     tmp, _, _ = run_dir
     out = tmp_path / "ppcl"
     res = CliRunner().invoke(main, ["prune", str(tmp / "teacher"), "--ratio", "0.5", "--ratios", "0.25",
+                                    "--set", "stages.0.prune.intervals=[[0,1],[2,3]]",
                                     "--steps", "3", "-o", str(out), *TINY_RUN])
     assert res.exit_code == 0, res.output
     assert "variant ratio-0.25" in res.output
@@ -154,8 +155,30 @@ def test_ditc_prune_ppcl_writes_every_ratio_of_one_run(run_dir, tmp_path):
     assert len(variant["stage"]["removed"]) == 1
     assert variant["export"]["parity"]["max_abs_error"] <= 1e-4
     assert variant["cost"]["param_ratio"] > report["cost"]["param_ratio"]
-    for f in ("variants/ratio-0.25/manifest.json", "onnx/ratio-0.25.onnx", stage["pictures"]["analysis"]):
+    for f in ("variants/ratio-0.25/manifest.json", "onnx/ratio-0.25.onnx", stage["pictures"]["analysis"],
+              stage["pictures"]["search"]):
         assert (out / f).is_file(), f"missing {f}"
     assert "## Variants of the same run" in (out / "report.md").read_text()
     restored = load_compressed(out / "variants" / "ratio-0.25")
     assert len(restored.model.transformer_blocks) == 3
+
+    # Pluggable: the main checkpoint and its teacher hold every size.
+    from dit_compress import load_transformer, plug
+
+    ckpt, x = out / "checkpoint", restored.adapter.example_inputs(2, seed=3)
+    teacher = load_transformer(str(tmp / "teacher"))
+    with torch.no_grad():
+        none = plug(ckpt, [])
+        assert torch.equal(none.adapter.denoise(none.model, *x), teacher.adapter.denoise(teacher.model, *x))
+        one = plug(ckpt, variant["stage"]["plugged"])
+        assert torch.equal(one.adapter.denoise(one.model, *x), restored.adapter.denoise(restored.model, *x))
+    res = CliRunner().invoke(main, ["export", str(ckpt), "--plug", variant["stage"]["plugged"][0],
+                                    "-o", str(tmp_path / "plugged.onnx")])
+    assert res.exit_code == 0 and "parity" in res.output, res.output
+    bad = CliRunner().invoke(main, ["export", str(ckpt), "--plug", "1-3", "-o", str(tmp_path / "x.onnx")])
+    assert bad.exit_code == 2 and "not an interval this run trained" in bad.output, bad.output
+    bad = CliRunner().invoke(main, ["export", str(out / "variants" / "ratio-0.25"), "--plug",
+                                    stage["plan"]["plugged"][-1] if stage["plan"]["plugged"][-1] not in
+                                    variant["stage"]["plugged"] else stage["plan"]["plugged"][0],
+                                    "-o", str(tmp_path / "x.onnx")])
+    assert bad.exit_code == 2 and "plug" in bad.output, bad.output

@@ -25,7 +25,7 @@ TWO_STEPS = {"steps": 2, "batch_size": 4}
 ROWS = {
     "prune-depth": ("prune", {"method": "depth", "ratio": 0.5, "recover": {**TWO_STEPS, "feature_weight": 1.0}}),
     "prune-width": ("prune", {"method": "width", "ratio": 0.15, "recover": TWO_STEPS}),
-    "ppcl": ("prune", {"ratio": 0.5, "ratios": [0.25], "recover": TWO_STEPS}),
+    "ppcl": ("prune", {"ratio": 0.5, "ratios": [0.25], "intervals": [[0, 1], [2, 3]], "recover": TWO_STEPS}),
     "moe": ("moe", {"segments": 4, "top_k": 1, "taylor_batches": 1, "recover": TWO_STEPS}),
     "mob": ("mob", {"group_size": 2, "active": 1, "recover": TWO_STEPS}),
     "lit": ("lit", {"heads": 2, "recover": TWO_STEPS}),

@@ -242,8 +242,10 @@ def _finished_report(recipe: Recipe, out: Path) -> dict | None:
     return report
 
 
-def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> dict:
-    """Export, evaluate and gate an existing compressed checkpoint with the recipe it was made by."""
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
+                        student: LoadedModel | None = None) -> dict:
+    """Export, evaluate and gate an existing compressed checkpoint with the recipe it was made by
+    (`student`: a model derived from it, such as a PPCL checkpoint with other intervals plugged)."""
     checkpoint = Path(checkpoint)
     manifest = read_manifest(checkpoint)
     if "recipe" not in manifest:
@@ -251,7 +253,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: 
     recipe = parse_recipe(apply_overrides(copy.deepcopy(manifest["recipe"]), overrides or []),
                           f"{checkpoint}/{MANIFEST}")
     teacher = load_teacher(recipe.model.model_dump())
-    student = load_compressed(checkpoint)
+    student = student or load_compressed(checkpoint)
     out = Path(out_dir)
     (out / ".work").mkdir(parents=True, exist_ok=True)
     calib = build_calibration(teacher, recipe.calibration, out / ".work")

@@ -1,199 +1,83 @@
-"""PPCL: Pluggable Pruning with Contiguous Layer distillation (Ma et al., 2025).
+"""PPCL: Pluggable Pruning with Contiguous Layer distillation (Ma et al., 2025), as its official code does it.
 
-1. Plan. Every contiguous run of blocks [a..b] (2..max_len blocks, within one block list,
-   at most one architecturally protected block) is a candidate to collapse into one block.
-   Its cost is 1 - R² of a linear probe from the teacher's hidden state entering the run to the
-   one leaving it: a run that a linear map can stand in for is one a single block can learn.
-   For each requested ratio, a dynamic programme picks the disjoint runs of least total cost
-   that remove exactly that many blocks.
-2. Supernet. The student keeps a copy of every teacher block, plus one replacement block per
-   planned run (initialised from the run's first block, or its protected one), all
-   optionally width-pruned first (heads and FFN channels, Torch-Pruning).
-3. Contiguous-layer distillation, one phase for all ratios and for depth and width together:
-   - non-sequential block losses: every student block and every replacement is fed the
-     teacher's hidden states at its run's input and matched to the teacher's hidden states at
-     its run's output, so errors cannot accumulate along the depth and each replacement can be
-     plugged in independently of the others;
-   - distillation of assembled students: each step assembles the student of one ratio, i.e.
-     teacher-initialised blocks interleaved with the replacements of that ratio's runs, and
-     matches the teacher's prediction and, at every block, the teacher's hidden state where
-     that block's run ends. Ratios alternate in a fixed interleaved schedule in proportion to
-     the blocks they remove, so deeper cuts get more of the budget.
-4. Deployment. Any trained ratio assembles into a plain model without further training.
+1. Search (intervals.py): residual linear probes, a proxy model, CKA(u, k) and its first-order
+   differential; turning points bound the candidate intervals (2..max_interval blocks), and the
+   non-overlapping ones that lose the least CKA remove the requested number of blocks.
+2. Depth: each interval collapses into ONE new block, initialised from its middle block.
+   Width (optional, ffn_linear.py): the FFNs a least-squares linear map stands in for best are
+   replaced by that map.
+3. Contiguous layer distillation: the teacher's blocks stay frozen. In one teacher forward, each
+   replacement receives the teacher's hidden states (every stream: image and text) at its
+   interval's start and is matched to the teacher's states at its interval's end; each block
+   whose FFN became a linear map is matched on its own teacher input and output. The loss is the
+   per-token L2-normalised MSE (features normalised per token, squared error summed over features,
+   averaged over tokens), summed over intervals and streams, and nothing else: no output loss.
+   Only the replacements and the linear maps train.
+4. Pluggable: since the teacher's blocks are untouched, any subset of the trained intervals can
+   be switched in (plug.py): one training gives a family of sizes.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ...errors import RecipeError
 from ...models.families import FamilyAdapter
-from ...train.distill import Objective, normalised_mse
-from ...probes.redundancy import probe_r2
+from ...train.distill import Objective
 from .depth import remove_blocks_
+from .intervals import Interval, streams
 
 
-@dataclass(frozen=True)
-class Interval:
-    """Blocks first..last (global indices) collapse into one block initialised from `anchor`."""
-
-    first: int
-    last: int
-    anchor: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.first}-{self.last}"
-
-    @property
-    def saves(self) -> int:
-        return self.last - self.first
-
-    def blocks(self) -> range:
-        return range(self.first, self.last + 1)
-
-    def to_json(self) -> list[int]:
-        return [self.first, self.last, self.anchor]
+def token_normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The official alignment loss: both states L2-normalised per token, squared error summed over
+    features, averaged over tokens."""
+    s = student.float() / student.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    t = teacher.float() / teacher.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return ((s - t) ** 2).sum(-1).mean()
 
 
-def interval_costs(states: Sequence[torch.Tensor], groups: list[str], protected: set[int], max_len: int,
-                   allowed: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], float]:
-    """1 - held-out R² of a linear probe across each candidate run [a..b]."""
-    L = len(groups)
-    spans = allowed if allowed is not None else [
-        (a, b) for a in range(L) for b in range(a + 1, min(L, a + max_len))]
-    costs = {}
-    for a, b in spans:
-        if len(set(groups[a:b + 1])) > 1 or len(protected & set(range(a, b + 1))) > 1:
-            continue
-        costs[(a, b)] = max(0.0, 1.0 - probe_r2(states[a], states[b + 1]))
-    return costs
+class PPCLStudent(nn.Module):
+    """The teacher's blocks (frozen; FFNs chosen for width already linear maps) plus one trainable
+    replacement per interval."""
 
-
-def plan_removal(costs: dict[tuple[int, int], float], num_blocks: int, saves: int) -> list[tuple[int, int]]:
-    """Disjoint runs removing exactly `saves` blocks at least total cost (dynamic programme)."""
-    inf = float("inf")
-    best = [[inf] * (saves + 1) for _ in range(num_blocks + 1)]
-    choice: list[list[tuple | None]] = [[None] * (saves + 1) for _ in range(num_blocks + 1)]
-    best[0][0] = 0.0
-    for i in range(num_blocks):
-        for s in range(saves + 1):
-            if best[i][s] == inf:
-                continue
-            if best[i][s] < best[i + 1][s]:  # block i stays
-                best[i + 1][s], choice[i + 1][s] = best[i][s], (i, s, None)
-            for (a, b), c in costs.items():
-                if a != i or s + (b - a) > saves:
-                    continue
-                s2 = s + b - a
-                if best[i][s] + c < best[b + 1][s2]:
-                    best[b + 1][s2], choice[b + 1][s2] = best[i][s] + c, (i, s, (a, b))
-    if best[num_blocks][saves] == inf:
-        return []
-    runs, i, s = [], num_blocks, saves
-    while i > 0:
-        pi, ps, run = choice[i][s]
-        if run:
-            runs.append(run)
-        i, s = pi, ps
-    return sorted(runs)
-
-
-def make_plans(states: Sequence[torch.Tensor], groups: list[str], protected: set[int], savings: list[int],
-               max_len: int, allowed: list[tuple[int, int]] | None = None
-               ) -> tuple[dict[int, list[Interval]], dict[tuple[int, int], float]]:
-    """For each number of blocks to remove, the runs to collapse (with their anchors)."""
-    costs = interval_costs(states, groups, protected, max_len, allowed)
-    plans = {}
-    for saves in savings:
-        runs = plan_removal(costs, len(groups), saves)
-        if not runs:
-            raise RecipeError(
-                f"prune (ppcl): no set of runs removes {saves} of {len(groups)} blocks with at most "
-                f"{max_len} blocks per run; raise max_interval or lower the ratio")
-        plans[saves] = []
-        for a, b in runs:
-            # The replacement receives the run's input, which is what the run's first block was
-            # trained on (measured on the digits DiT's pairs: started from the second, more
-            # influential block, the 50 % student ends 13 % worse in Fréchet distance).
-            plans[saves].append(Interval(a, b, min(protected & set(range(a, b + 1)), default=a)))
-    return plans, costs
-
-
-class PluggableSupernet(nn.Module):
-    """A student holding a copy of every teacher block plus one replacement per planned run."""
-
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter, plans: list[list[Interval]]):
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, intervals: list[Interval], ffn_blocks: list[int]):
         super().__init__()
         self.model, self.adapter = model, adapter
-        self.plans = plans
-        self.intervals = sorted({iv for plan in plans for iv in plan}, key=lambda iv: (iv.first, iv.last))
+        self.intervals = intervals
+        self.ffn_blocks = ffn_blocks  # global indices of the blocks whose FFN is a linear map
         blocks = self.blocks()
-        self.replacements = nn.ModuleDict({iv.key: copy.deepcopy(blocks[iv.anchor]) for iv in self.intervals})
-        # Blocks that some ratio keeps; the others only ever serve as anchors' initialisation.
-        self.kept_somewhere = [i for i in range(len(blocks))
-                               if any(all(i not in iv.blocks() for iv in plan) for plan in plans)]
+        self.replacements = nn.ModuleDict({iv.key: copy.deepcopy(blocks[iv.anchor]) for iv in intervals})
 
     def blocks(self) -> list[nn.Module]:
         return [b for _, _, b in self.adapter.blocks(self.model)]
 
-    def _assembly(self, plan: list[Interval]) -> list[tuple[str, nn.Module, int]]:
-        """(block list, module, teacher block where its run ends) of the student of `plan`."""
-        out = []
-        for i, (g, _, block) in enumerate(self.adapter.blocks(self.model)):
-            run = next((iv for iv in plan if i in iv.blocks()), None)
-            if run is None:
-                out.append((g.attr, block, i))
-            elif i == run.anchor:
-                out.append((g.attr, self.replacements[run.key], run.last))
-        return out
+    def trainable_patterns(self, ffn_paths: list[str]) -> list[str]:
+        return ["replacements.*", *[f"model.{p}.*" for p in ffn_paths]]
 
     @contextmanager
     def assembled(self, plan: list[Interval]):
-        """Temporarily swap the model's block lists for the student of `plan`."""
+        """Temporarily the student of `plan`: replacements in place, the rest of each interval out."""
         originals = {g.attr: getattr(self.model, g.attr) for g in self.adapter.block_groups}
+        kept: dict[str, list[nn.Module]] = {a: [] for a in originals}
+        for i, (g, _, block) in enumerate(self.adapter.blocks(self.model)):
+            run = next((iv for iv in plan if i in iv.blocks()), None)
+            if run is None:
+                kept[g.attr].append(block)
+            elif i == run.anchor:
+                kept[g.attr].append(self.replacements[run.key])
         try:
-            for attr in originals:
-                setattr(self.model, attr, nn.ModuleList([m for a, m, _ in self._assembly(plan) if a == attr]))
+            for attr, blocks in kept.items():
+                setattr(self.model, attr, nn.ModuleList(blocks))
             yield self.model
         finally:
             for attr, blocks in originals.items():
                 setattr(self.model, attr, blocks)
 
-    def forward(self, x, t, cond, calls: list[tuple[tuple, dict]], plan_index: int):
-        """The assembled student of one plan: its prediction and each block's output with the
-        teacher block where that block's run ends; then every block's output on teacher inputs."""
-        plan = self.plans[plan_index]
-        chain: list[tuple[object, int]] = []
-        hooks = [m.register_forward_hook(lambda _m, _a, out, end=end: chain.append((out, end)))
-                 for _, m, end in self._assembly(plan)]
-        try:
-            with self.assembled(plan):
-                pred = self.adapter.denoise(self.model, x, t, cond)
-        finally:
-            for h in hooks:
-                h.remove()
-        blocks = self.blocks()
-        outputs = {f"block{i}": blocks[i](*calls[i][0], **calls[i][1]) for i in self.kept_somewhere}
-        for iv in self.intervals:
-            args, kwargs = calls[iv.first]
-            outputs[iv.key] = self.replacements[iv.key](*args, **kwargs)
-        return pred, chain, outputs
-
-    def targets(self) -> dict[str, int]:
-        """Which teacher block's output each student module must reproduce."""
-        t = {f"block{i}": i for i in self.kept_somewhere}
-        t.update({iv.key: iv.last for iv in self.intervals})
-        return t
-
     def deploy(self, plan: list[Interval], adapter_for) -> tuple[nn.Module, list[int]]:
-        """A standalone model for `plan`: replacements in place, the rest of each run removed."""
+        """A standalone model of `plan`: its replacements in place, the rest of each interval removed."""
         model = copy.deepcopy(self.model)
         located = [(g.attr, j) for g, j, _ in self.adapter.blocks(model)]
         for iv in plan:
@@ -204,30 +88,24 @@ class PluggableSupernet(nn.Module):
         return model.eval().requires_grad_(False), removed
 
 
-def streams(output) -> list[torch.Tensor]:
-    outs = output if isinstance(output, (tuple, list)) else (output,)
-    return [o for o in outs if torch.is_tensor(o)]
+class ContiguousLayerDistillation(Objective):
+    """One teacher forward; each replacement (and each block with a linear FFN) on the teacher's
+    input to its span, matched to the teacher's state at the span's end."""
 
-
-class ContiguousLayerObjective(Objective):
-    """For the assembled student of the step's ratio: output MSE + feature_weight x the
-    teacher-normalised MSE of each block's output against the teacher's where its run ends;
-    plus contiguous_weight x the same for every block / replacement fed teacher hidden states."""
-
-    def __init__(self, adapter: FamilyAdapter, supernet: PluggableSupernet, contiguous_weight: float,
-                 feature_weight: float):
-        self.adapter, self.weight, self.feature_weight = adapter, contiguous_weight, feature_weight
-        self.targets = supernet.targets()
-        self.schedule = plan_schedule([sum(iv.saves for iv in plan) for plan in supernet.plans])
-        self.plans = [plan_to_json(plan) for plan in supernet.plans]
+    def __init__(self, adapter: FamilyAdapter, student: PPCLStudent):
+        self.adapter = adapter
+        self.intervals = student.intervals
+        self.ffn_blocks = student.ffn_blocks
 
     def describe(self):
-        return f"ppcl {self.weight} {self.feature_weight} {self.plans}"
+        return f"ppcl-paper {[iv.to_json() for iv in self.intervals]} ffn {self.ffn_blocks}"
 
     def attach(self, teacher, student):
         blocks = [b for _, _, b in self.adapter.blocks(teacher)]
-        self.calls: list = [None] * len(blocks)
-        self.outs: list = [None] * len(blocks)
+        starts = {iv.first for iv in self.intervals} | set(self.ffn_blocks)
+        ends = {iv.last for iv in self.intervals} | set(self.ffn_blocks)
+        self.calls: dict[int, tuple] = {}
+        self.outs: dict[int, object] = {}
 
         def pre(i):
             def hook(_m, args, kwargs):
@@ -239,56 +117,30 @@ class ContiguousLayerObjective(Objective):
                 self.outs[i] = output
             return hook
 
-        self.handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        self.handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+        self.handles = [blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True) for i in sorted(starts)]
+        self.handles += [blocks[i].register_forward_hook(post(i)) for i in sorted(ends)]
 
-    def loss(self, step, batch, teacher, student):
+    def loss(self, step, batch, teacher, student: PPCLStudent):
         x, t, cond = batch.x_t, batch.t, batch.cond
         with torch.no_grad():
             target = self.adapter.denoise(teacher, x, t, cond)
-        pred, chain, outputs = student(x, t, cond, self.calls, self.schedule[step % len(self.schedule)])
-        out_loss = torch.mean((pred - target) ** 2)
-        chained = [self._nmse(out, end) for out, end in chain]
-        forced = [self._nmse(out, self.targets[key]) for key, out in outputs.items()]
-        loss = out_loss + self.feature_weight * torch.stack(chained).mean() + self.weight * torch.stack(forced).mean()
-        return loss, out_loss
+        terms = []
+        for iv in self.intervals:
+            args, kwargs = self.calls[iv.first]
+            terms.append(self._align(student.replacements[iv.key](*args, **kwargs), self.outs[iv.last]))
+        blocks = student.blocks()
+        for i in self.ffn_blocks:
+            args, kwargs = self.calls[i]
+            terms.append(self._align(blocks[i](*args, **kwargs), self.outs[i]))
+        with torch.no_grad(), student.assembled(self.intervals):  # logged only: the deepest plug's output error
+            out_loss = torch.mean((self.adapter.denoise(student.model, x, t, cond) - target) ** 2)
+        return torch.stack(terms).sum(), out_loss
 
-    def _nmse(self, output, teacher_block: int) -> torch.Tensor:
-        """Teacher-normalised MSE over every stream (image, and text where the block has one)."""
-        return torch.stack([normalised_mse(s, t)
-                            for s, t in zip(streams(output), streams(self.outs[teacher_block]))]).mean()
+    @staticmethod
+    def _align(output, teacher_output) -> torch.Tensor:
+        return torch.stack([token_normalised_mse(s, t)
+                            for s, t in zip(streams(output), streams(teacher_output))]).sum()
 
     def close(self):
         for h in self.handles:
             h.remove()
-
-
-def plan_schedule(weights: list[int]) -> list[int]:
-    """A cycle visiting plan i weights[i] times, evenly interleaved ([2, 4] -> [1, 0, 1, 1, 0, 1])."""
-    slots = [((k + 0.5) / w, -w, i) for i, w in enumerate(weights) for k in range(w)]
-    return [i for _, _, i in sorted(slots)]
-
-
-def plan_to_json(plan: list[Interval]) -> list[list[int]]:
-    return [iv.to_json() for iv in plan]
-
-
-def plan_from_json(plan: list[list[int]]) -> list[Interval]:
-    return [Interval(*iv) for iv in plan]
-
-
-def run_map(plan: list[Interval], names: list[str], student_names: list[str]) -> list[tuple[str, str]]:
-    """(student block, teacher block) pairs: each student block ends where its run ends."""
-    ends = []
-    for i in range(len(names)):
-        run = next((iv for iv in plan if i in iv.blocks()), None)
-        if run is None:
-            ends.append(i)
-        elif i == run.anchor:
-            ends.append(run.last)
-    return list(zip(student_names, [names[e] for e in ends]))
-
-
-def costs_to_json(costs: dict[tuple[int, int], float]) -> list[dict]:
-    return [{"blocks": [a, b], "cost": round(c, 6)} for (a, b), c in sorted(costs.items())]
-
