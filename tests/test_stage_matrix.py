@@ -122,8 +122,10 @@ def _clear(teacher, student, summary, folder, onnx_path):
     modules = dict(student.named_modules())
     projections = sum(p.numel() for path in summary["plan"]["layers"] for m in ("to_q", "to_k", "to_v", "to_out.0")
                       if f"{path}.{m}" in modules for p in modules[f"{path}.{m}"].parameters())
-    assert summary["training"]["distill"]["trainable_parameters"] == projections, \
-        "only the image stream's attention projections train"
+    pooling = sum(p.numel() for n, p in student.named_parameters() if n.endswith("processor.spatial_weight"))
+    assert summary["plan"]["down_factor"] == 4 and pooling == 16 * len(summary["plan"]["layers"])
+    assert summary["training"]["distill"]["trainable_parameters"] == projections + pooling, \
+        "only the image stream's attention projections (and the pooling weights) train"
 
 
 def _recover(teacher, student, summary, folder, onnx_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ...config import StrictConfig
@@ -21,6 +23,13 @@ class LiTConfig(StrictConfig):
 
 class CLEARConfig(StrictConfig):
     radius: int = Field(8, ge=2, description="image tokens attend to image tokens closer than this (grid units)")
+    down_factor: int = Field(4, ge=1, le=64, description=(
+        "image queries also attend to keys/values pooled over down_factor x down_factor cells by a learned "
+        "weighting (the official code's remedy for repetitive patterns at small windows); 1: none"))
+    attention_loss: Literal["every_4th", "all"] = Field("every_4th", description=(
+        "layers whose attention output is matched: every_4th as the official code (the single-stream blocks "
+        "at every 4th attention of the model; every 4th attention where a model has no single-stream blocks), "
+        "or every converted layer"))
     tile: int = Field(8, ge=1, description="query tile side of the neighbourhood computation (speed only)")
     blocks: list[int] | None = Field(None, description="block indices to convert (default: every block)")
     output_weight: float = Field(0.5, ge=0, description="weight of ||v_S - v_T||^2 (the teacher's prediction)")

@@ -1,6 +1,9 @@
 """CLEAR (Liu et al., 2024): each image token attends only to image tokens closer than `radius`
 on the token grid (Euclidean distance strictly below r), and, in joint-attention models, to
-every text token; text tokens still attend to everything.
+every text token; text tokens still attend to everything. With `down_factor` f > 1 (the
+official code's down-sampled key/value tokens) every image query also attends to the image keys
+and values pooled over f x f cells, each cell a learned weighting of its f^2 positions
+(initialised to their mean); text queries do not see them.
 
 The neighbourhood is computed, not masked out of a dense matrix: the grid is cut into
 `tile` x `tile` query tiles, and each tile attends to its own halo window of
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 _MASKED = -1.0e4  # finite (fp16-safe): a padded query with no valid key stays finite
@@ -94,30 +98,51 @@ class _Heads:
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
-class CLEARProcessor:
-    """Image self-attention (DiT, PixArt) restricted to the grid neighbourhood."""
+class CLEARProcessor(nn.Module):
+    """Image self-attention (DiT, PixArt) restricted to the grid neighbourhood (plus the pooled
+    tokens). A module, so that the pooling weights train and save with the model."""
 
-    def __init__(self, grid: tuple[int, int], radius: int, tile: int):
-        self.grid, self.radius, self.tile = tuple(grid), radius, tile
+    def __init__(self, grid: tuple[int, int], radius: int, tile: int, down_factor: int = 1):
+        super().__init__()
+        self.grid, self.radius, self.tile, self.down_factor = tuple(grid), radius, tile, down_factor
+        if down_factor > 1:
+            f = down_factor
+            self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, f, 1, f, 1), 1.0 / (f * f)))
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, N, d) image tokens -> (B, h, N / f^2, d): each f x f cell's learned weighting."""
+        f, (gh, gw) = self.down_factor, self.grid
+        b, h, _, d = x.shape
+        return (x.view(b, h, gh // f, f, gw // f, f, d) * self.spatial_weight).sum(dim=(3, 5)).flatten(2, 3)
+
+    def _global(self, k, v, text_k=None, text_v=None):
+        """Keys and values every image query sees besides its neighbourhood: text, then pooled tokens."""
+        if self.down_factor > 1:
+            dk, dv = self.pooled(k), self.pooled(v)
+            return (dk, dv) if text_k is None else (torch.cat([text_k, dk], 2), torch.cat([text_v, dv], 2))
+        return text_k, text_v
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
         if encoder_hidden_states is not None:
             raise ValueError("CLEAR's self-attention processor got encoder states: cross-attention stays softmax")
         h = attn.heads
         q, k, v = (_Heads.split(f(hidden_states), h) for f in (attn.to_q, attn.to_k, attn.to_v))
-        out = _Heads.merge(local_attention(q, k, v, self.grid, self.radius, self.tile))
+        gk, gv = self._global(k, v)
+        out = _Heads.merge(local_attention(q, k, v, self.grid, self.radius, self.tile, text_k=gk, text_v=gv))
         return attn.to_out[1](attn.to_out[0](out))
 
 
 class CLEARJointProcessor(CLEARProcessor):
-    """Joint text-image attention (SD3, Flux): image queries see their neighbourhood and every
-    text token; text queries see everything, as in the family's own processor."""
+    """Joint text-image attention (SD3, Flux): image queries see their neighbourhood, every text
+    token (and the pooled tokens); text queries see all text and image tokens, as in the family's
+    own processor."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **_):
         from .joint import finish, project
 
         (q, k, v), (tq, tk, tv) = project(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.grid)
-        image = local_attention(q, k, v, self.grid, self.radius, self.tile, text_k=tk, text_v=tv)
+        gk, gv = self._global(k, v, tk, tv)  # pooled after the rotary embedding, as the official code does
+        image = local_attention(q, k, v, self.grid, self.radius, self.tile, text_k=gk, text_v=gv)
         text = F.scaled_dot_product_attention(tq, torch.cat([k, tk], 2), torch.cat([v, tv], 2)) if tq.shape[2] else tq
         return finish(attn, _Heads.merge(image), _Heads.merge(text), encoder_hidden_states is not None)

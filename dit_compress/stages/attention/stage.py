@@ -10,8 +10,8 @@ import logging
 import torch.nn as nn
 
 from ...core.stage import Phase, Plan, Stage, StageContext, seed_of, seeded
-from ...errors import UnsupportedModelError
-from ...models.families import JOINT_ATTENTION, SELF_ATTENTION, FamilyAdapter
+from ...errors import RecipeError, UnsupportedModelError
+from ...models.families import JOINT_ATTENTION, SELF_ATTENTION, SINGLE_BLOCK, FamilyAdapter
 from .config import CLEARConfig, LiTConfig
 from .lit import LiTJointProcessor, LiTProcessor
 from .local import CLEARJointProcessor, CLEARProcessor
@@ -64,9 +64,22 @@ def lit_(model, paths, adapter, heads, grid, kernel) -> None:
         a.to_q.out_features, heads, grid, kernel))
 
 
-def clear_(model, paths, adapter, grid, radius, tile) -> None:
+def clear_(model, paths, adapter, grid, radius, tile, down_factor: int = 1) -> None:
     _install(model, adapter, paths, lambda a, joint: (CLEARJointProcessor if joint else CLEARProcessor)(
-        grid, radius, tile))
+        grid, radius, tile, down_factor))
+
+
+def official_loss_layers(adapter: FamilyAdapter, model: nn.Module, converted: list[str]) -> list[str]:
+    """The attentions CLEAR's official code matches: counting every attention of the model in
+    order, each 4th (index % 4 == 0) that sits in a single-stream block (every 4th of all where the
+    model has none); every converted layer where that picks none of them (models under 4 blocks)."""
+    layout = adapter.layout(model)
+    kinds = [g.kind for g, _, _ in adapter.blocks(model)]
+    paths = [b.image_attention().path for b in layout.blocks]
+    single = SINGLE_BLOCK in kinds
+    chosen = [p for i, (p, kind) in enumerate(zip(paths, kinds))
+              if i % 4 == 0 and (kind == SINGLE_BLOCK or not single) and p in converted]
+    return chosen or list(converted)
 
 
 def _block_pairs(adapter, model) -> list[tuple[str, str]]:
@@ -130,21 +143,34 @@ class CLEARStage(_AttentionStage):
         layout = adapter.layout(model)
         # what the phase trains by default: the image stream's Q/K/V/out projections (the paper's choice)
         projections = [q for p in layers["layers"] for q in layout.attention(p).image_projections]
-        return Plan({**layers, "radius": config.radius, "tile": config.tile},
-                    notes={"image_keys_per_query": min(window, grid[0] * grid[1]), "image_projections": projections})
+        f = config.down_factor
+        if f > 1 and (grid[0] % f or grid[1] % f):
+            raise RecipeError(f"clear.down_factor: {f} does not divide the {grid[0]}x{grid[1]} token grid "
+                              f"(pooled cells must tile it); choose a divisor or 1")
+        loss_layers = (official_loss_layers(adapter, model, layers["layers"]) if config.attention_loss == "every_4th"
+                       else layers["layers"])
+        return Plan({**layers, "radius": config.radius, "tile": config.tile, "down_factor": f,
+                     "loss_layers": loss_layers},
+                    notes={"image_keys_per_query": min(window, grid[0] * grid[1]),
+                           "pooled_keys_per_query": grid[0] * grid[1] // (f * f) if f > 1 else 0,
+                           "image_projections": projections})
 
     def build(self, model, adapter, config: CLEARConfig, plan: Plan):
-        clear_(model, plan["layers"], adapter, tuple(plan["grid"]), plan["radius"], plan["tile"])
-        log.info("clear: %d attentions -> local attention (radius %d on a %dx%d grid)", len(plan["layers"]),
-                 plan["radius"], *plan["grid"])
+        # plans from before the down-sampled tokens had none
+        clear_(model, plan["layers"], adapter, tuple(plan["grid"]), plan["radius"], plan["tile"],
+               plan.get("down_factor", 1))
+        log.info("clear: %d attentions -> local attention (radius %d on a %dx%d grid, pooled tokens every %d)",
+                 len(plan["layers"]), plan["radius"], *plan["grid"], plan.get("down_factor", 1))
         return model
 
     def phases(self, config: CLEARConfig, plan: Plan, adapter) -> list[Phase]:
         trainable = None
-        if config.recover.trainable == ["*"]:  # the paper trains the image stream's projections only
+        if config.recover.trainable == ["*"]:  # the paper: the image stream's projections (and the pooling)
             trainable = [f"{path}.*" for path in plan.notes["image_projections"]]
+            trainable += [f"{path}.processor.spatial_weight" for path in plan["layers"]]
         return [Phase("distill", config.recover, lambda teacher_adapter, student: CLEARObjective(
-            teacher_adapter, plan["layers"], config.output_weight, config.attention_weight), trainable=trainable)]
+            teacher_adapter, plan.get("loss_layers", plan["layers"]), config.output_weight,
+            config.attention_weight), trainable=trainable)]
 
     def summary(self, config, plan, stats):
         return {**plan, **{k: v for k, v in stats.items() if k != "image_projections"}}
@@ -154,6 +180,10 @@ class CLEARStage(_AttentionStage):
         return ["", "## Local attention (clear)", "",
                 f"{len(summary['layers'])} attentions on a {g[0]}x{g[1]} token grid became local attention: an image "
                 f"token sees the image tokens closer than {summary['radius']} ({summary['image_keys_per_query']} "
-                f"of {g[0] * g[1]} at most) and every text token; computed in {summary['tile']}x{summary['tile']} "
-                "query tiles over their halo windows. Distilled with task + output + attention-output losses, "
-                "training the image stream's Q/K/V/out only."]
+                f"of {g[0] * g[1]} at most), every text token"
+                + (f" and the image tokens pooled over {summary['down_factor']}x{summary['down_factor']} cells "
+                   f"({summary.get('pooled_keys_per_query')} keys, learned weighting)" if summary.get("down_factor", 1) > 1
+                   else "")
+                + f"; computed in {summary['tile']}x{summary['tile']} query tiles over their halo windows. Distilled "
+                f"with task + output + attention-output losses (on {len(summary.get('loss_layers', summary['layers']))} "
+                "layers), training the image stream's Q/K/V/out (and the pooling weights) only."]
