@@ -199,6 +199,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None 
     t_start = time.time()
     with meter("load teacher"):
         teacher = teacher or load_teacher(recipe.model.model_dump())  # fails before anything is written
+    for spec in recipe.stages:  # a stage that refuses this family fails now, before calibration
+        get_stage(spec.name).check_family(teacher.adapter.family, spec.config)
     out = Path(out_dir)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
