@@ -404,7 +404,10 @@ def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: 
     else:
         result = sample_artifact(artifact, out, labels, num, conditions, steps, guidance, seed, reference=reference)
         what = f"{result['num']} samples"
-    click.echo(f"wrote {out} ({what}; {result['steps']} steps, guidance {result['guidance']:g}, "
+    written = " and ".join(result["written"])
+    if not prompted and len(result["written"]) == 1:  # latents of a non-pixel card: no picture to draw
+        what += ", latents: the card is not pixel-space, so no image grid"
+    click.echo(f"wrote {written} ({what}; {result['steps']} steps, guidance {result['guidance']:g}, "
                f"{result['seconds']:.1f} s)")
     if "psnr_db_vs_reference" in result:
         space = "images after the same VAE" if prompted else "samples"
