@@ -74,6 +74,11 @@ def test_moved_teacher_is_refused_with_the_flag_to_point_at_it(pinned, command, 
                             "(moved or deleted?); pass --teacher PATH to point at it"], res.output
     assert not (tmp_path / "out").exists()
     assert model_sha256(load_teacher(ckpt, teacher=str(moved)).model) == model_sha256(load_transformer(str(moved)).model)
+    if command == "distill":  # pointed at its new place, it runs, and the new checkpoint pins that place
+        res = _cli("distill", ckpt, "--teacher", moved, "--steps", "1", "-o", tmp_path / "out")
+        assert res.exit_code == 0, res.output
+        assert load_teacher(tmp_path / "out") is not None
+        assert json.loads((tmp_path / "out" / "manifest.json").read_text())["base"]["teacher"]["source"] == str(moved)
 
 
 def test_changed_teacher_is_refused(pinned, tmp_path):
