@@ -15,12 +15,16 @@ from dit_compress.core.pipeline import apply_stage
 from dit_compress.core.stage import StageContext, get_stage
 
 FAMILIES = ("dit", "sd3")  # sd3: joint attention, the other LiT/CLEAR processors
-CASES = [(row, family) for family in FAMILIES for row in ROWS if supports(row, family)]
+# Methods the stage matrix leaves out, here on the DiT: ppcl-hybrid's supernet with Torch-Pruning width.
+EXTRA = {"ppcl-hybrid": ("prune", {"method": "ppcl-hybrid", "ratio": 0.5, "recover": {"steps": 2, "batch_size": 4},
+                                   "width": {"heads": 0.5, "ffn": 0.25, "importance": "taylor"}})}
+CASES = [(row, family) for family in FAMILIES for row in ROWS if supports(row, family)] + \
+    [(row, "dit") for row in EXTRA]
 
 
 def _twice(row: str, teacher, calib, work):
     """(state dict, stage record) of two runs of `row`, the global generator seeded differently before each."""
-    name, cfg = ROWS[row]
+    name, cfg = {**ROWS, **EXTRA}[row]
     stage = get_stage(name)
     config = stage.config_cls.model_validate(cfg)
     runs = []

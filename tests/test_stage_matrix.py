@@ -174,8 +174,8 @@ def test_stage_on_family(row, family, calibrated, tmp_path):
 # re-split unpruned projections into wider heads: a shape error inside RMSNorm.
 HEAD_ROWS = {
     "prune-width": ("prune", {"method": "width", "ratio": 0.4, "width": {"importance": "l2"}, "recover": TWO_STEPS}),
-    "ppcl-heads": ("prune", {"ratio": 0.5, "width": {"heads": 0.5, "ffn": 0.25, "importance": "l2"},
-                             "recover": TWO_STEPS}),
+    "ppcl-heads": ("prune", {"method": "ppcl-hybrid", "ratio": 0.5, "recover": TWO_STEPS,
+                             "width": {"heads": 0.5, "ffn": 0.25, "importance": "l2"}}),
 }
 HEAD_CASES = [("prune-width", v) for v in SD35_VARIANTS] + [("ppcl-heads", "sd35")]
 
