@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 _API = {
     "load_compressed": "dit_compress.core.manifest",
     "load_pipeline": "dit_compress.core.manifest",
+    "load_teacher": "dit_compress.core.manifest",
     "save_compressed": "dit_compress.core.manifest",
     "load_transformer": "dit_compress.models.load",
     "load_recipe": "dit_compress.core.recipe",

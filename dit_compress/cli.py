@@ -88,6 +88,10 @@ def main(verbose: bool, debug: bool, threads: int | None) -> None:
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a recipe field, e.g. stages.0.prune.ratio=0.25 (repeatable).")
+teacher_option = click.option(
+    "--teacher", metavar="PATH",
+    help="Where CHECKPOINT's teacher is now, if it moved (a folder, .safetensors file, zoo:NAME or hub id) "
+         "[default: the location its manifest records]; it must hold the weights the manifest's hash pins.")
 redo_option = click.option("--redo-eval", is_flag=True,
                            help="Export and evaluate again even if OUT holds the report of this same recipe "
                                 "(finished stages are still restored, not retrained).")
@@ -290,14 +294,16 @@ def _distill_default(name: str):
                help="Weight of hidden-state matching at the last stage's mapped layers.",
                default_of=lambda: _distill_default("feature_weight"))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="New checkpoint folder.")
-def distill(checkpoint: Path, steps: int | None, lr: float | None, feature_weight: float | None, out: Path) -> None:
+@teacher_option
+def distill(checkpoint: Path, steps: int | None, lr: float | None, feature_weight: float | None, out: Path,
+            teacher: str | None) -> None:
     """Continue distilling a compressed CHECKPOINT from its teacher; writes a new checkpoint.
 
     (Attention conversion is `ditc attention`.)"""
     from .core.pipeline import distill_checkpoint
 
     given = {"steps": steps, "lr": lr, "feature_weight": feature_weight}
-    distill_checkpoint(checkpoint, out, **{k: v for k, v in given.items() if v is not None})
+    distill_checkpoint(checkpoint, out, teacher=teacher, **{k: v for k, v in given.items() if v is not None})
     click.echo(f"wrote {out}")
 
 
@@ -318,8 +324,10 @@ PRECISIONS = ["fp16", "bf16", "int8-dynamic", "int8-static"]
 @config_option("--latent-size", section="model", path="latent_size")
 @click.option("--plug", "plug_keys", metavar="INTERVALS",
               help="PPCL checkpoint: switch in exactly these trained intervals (e.g. 8-17,20-22; 'none').")
+@teacher_option
 def export(model: str, out: Path, batch: int | None, atol: float | None, precisions: tuple[str, ...],
-           steps: int | None, guidance: float | None, latent_size: int | None, plug_keys: str | None) -> None:
+           steps: int | None, guidance: float | None, latent_size: int | None, plug_keys: str | None,
+           teacher: str | None) -> None:
     """Export MODEL (a compressed checkpoint or any loadable model) to ONNX with a parity check.
 
     Writes OUT and its card OUT.json (what `ditc sample` needs), and each --precision variant."""
@@ -332,10 +340,12 @@ def export(model: str, out: Path, batch: int | None, atol: float | None, precisi
 
     batch = batch or resolve_field("export", "batch").default
     atol = atol or resolve_field("export", "parity_atol").default
+    if teacher is not None and plug_keys is None:
+        raise click.UsageError("--teacher applies with --plug (plugging takes blocks back from the teacher)")
     if plug_keys is not None:
         from .stages.prune.plug import parse_plug, plug
 
-        loaded = plug(model, parse_plug(plug_keys))
+        loaded = plug(model, parse_plug(plug_keys), teacher)
     else:
         loaded = load_any(model, latent_size)
     card = deployment_card(loaded, *resolved_sampling(loaded, steps, guidance))
@@ -404,7 +414,10 @@ def sample(artifact: Path, out: Path, labels: str | None, num: int, conditions: 
     else:
         result = sample_artifact(artifact, out, labels, num, conditions, steps, guidance, seed, reference=reference)
         what = f"{result['num']} samples"
-    click.echo(f"wrote {out} ({what}; {result['steps']} steps, guidance {result['guidance']:g}, "
+    written = " and ".join(result["written"])
+    if not prompted and len(result["written"]) == 1:  # latents of a non-pixel card: no picture to draw
+        what += ", latents: the card is not pixel-space, so no image grid"
+    click.echo(f"wrote {written} ({what}; {result['steps']} steps, guidance {result['guidance']:g}, "
                f"{result['seconds']:.1f} s)")
     if "psnr_db_vs_reference" in result:
         space = "images after the same VAE" if prompted else "samples"
@@ -451,7 +464,8 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
 @click.option("--plug", "plug_keys", metavar="INTERVALS",
               help="PPCL checkpoint: evaluate the size with exactly these intervals switched in (e.g. 8-17).")
-def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path, plug_keys: str | None) -> None:
+@teacher_option
+def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path, plug_keys: str | None, teacher: str | None) -> None:
     """Evaluate a compressed CHECKPOINT against its teacher (report + gate, exit 1 if it fails)."""
     from .core.pipeline import evaluate_checkpoint
 
@@ -459,8 +473,8 @@ def eval_(checkpoint: Path, overrides: tuple[str, ...], out: Path, plug_keys: st
     if plug_keys is not None:
         from .stages.prune.plug import parse_plug, plug
 
-        student = plug(checkpoint, parse_plug(plug_keys))
-    report = evaluate_checkpoint(checkpoint, out, list(overrides), student)
+        student = plug(checkpoint, parse_plug(plug_keys), teacher)
+    report = evaluate_checkpoint(checkpoint, out, list(overrides), student, teacher)
     _finish(report, out)
 
 

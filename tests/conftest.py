@@ -36,12 +36,18 @@ def tiny_model(family: str, seed: int = 0):
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
             caption_channels=32, sample_size=LATENT, patch_size=1)),
     }
+    # SD3.5's real config: per-head q/k RMSNorm (LayerNorm in some checkpoints) and, in medium, dual
+    # attention in the first blocks; 4 heads, so that head pruning has heads to remove.
+    sd35 = dict(configs["sd3"][1], num_attention_heads=4, caption_projection_dim=32, dual_attention_layers=(0,))
+    configs["sd35"] = ("SD3Transformer2DModel", dict(sd35, qk_norm="rms_norm"))
+    configs["sd35-layernorm"] = ("SD3Transformer2DModel", dict(sd35, qk_norm="layer_norm"))
     cls_name, cfg = configs[family]
     # Frozen like every loaded model: requires_grad alone changes which CPU kernels run.
     return getattr(diffusers, cls_name)(**cfg).eval().requires_grad_(False)
 
 
 FAMILIES = ["dit", "pixart", "sd3", "flux", "sana"]
+SD35_VARIANTS = ["sd35", "sd35-layernorm"]  # tiny_model names of the sd3 family with SD3.5's attention
 
 
 @pytest.fixture(params=FAMILIES)

@@ -11,13 +11,14 @@ import onnx
 import pytest
 import torch
 
-from conftest import FAMILIES, LATENT, tiny_loaded
+from conftest import FAMILIES, LATENT, SD35_VARIANTS, tiny_loaded
 from dit_compress.core.manifest import base_reference, load_compressed, save_compressed
 from dit_compress.core.pipeline import apply_stage
 from dit_compress.core.stage import STAGES, StageContext, get_stage
 from dit_compress.errors import UnsupportedModelError
 from dit_compress.export.onnx import export_onnx
 from dit_compress.models.load import LoadedModel
+from dit_compress.stages.prune.width import QKV
 
 TWO_STEPS = {"steps": 2, "batch_size": 4}
 
@@ -167,3 +168,32 @@ def test_stage_on_family(row, family, calibrated, tmp_path):
         with torch.no_grad():
             assert torch.equal(teacher.with_model(variant).adapter.denoise(variant, *x),
                                restored.adapter.denoise(restored.model, *x))
+
+
+# Head pruning on SD3.5's attention: the per-head q/k norms (head_dim weights) stay as they are while
+# heads go; the dual-attention block's second attention loses heads too. Before, Torch-Pruning
+# coupled the norms with the projections, skipped the head groups, and the halved head count
+# re-split unpruned projections into wider heads: a shape error inside RMSNorm.
+HEAD_ROWS = {
+    "prune-width": ("prune", {"method": "width", "ratio": 0.4, "width": {"importance": "l2"}, "recover": TWO_STEPS}),
+    "ppcl-heads": ("prune", {"method": "ppcl-hybrid", "ratio": 0.5, "recover": TWO_STEPS,
+                             "width": {"heads": 0.5, "ffn": 0.25, "importance": "l2"}}),
+}
+HEAD_CASES = [("prune-width", v) for v in SD35_VARIANTS] + [("ppcl-heads", "sd35")]
+
+
+@pytest.mark.parametrize("row, variant", HEAD_CASES, ids=[f"{r}-{v}" for r, v in HEAD_CASES])
+def test_sd35_head_pruning(row, variant, calibrated, tmp_path):
+    name, raw = HEAD_ROWS[row]
+    stage = get_stage(name)
+    teacher, calib = calibrated(variant)
+    student, record, summary = apply_stage(stage, stage.config_cls.model_validate(raw),
+                                           copy.deepcopy(teacher.model), StageContext(teacher, calib, tmp_path / "w"))
+    heads = summary["plan"]["width"]["heads"]
+    assert heads["transformer_blocks.0.attn2"] == 2 and set(heads.values()) == {2}, heads
+    for block in student.transformer_blocks:
+        for attn in filter(None, (block.attn, getattr(block, "attn2", None))):
+            widths = {p: getattr(attn, p).out_features for p in QKV if getattr(attn, p, None) is not None}
+            assert set(widths.values()) == {attn.heads * 8}, f"heads of 8 channels: {attn.heads}, {widths}"
+            assert attn.norm_q.weight.shape == (8,), "a per-head norm keeps its head_dim weights"
+    check_saved(teacher, student, [record], tmp_path / "ckpt", tmp_path / "student.onnx")

@@ -1,13 +1,16 @@
 """Compressed checkpoints: manifest.json (base reference + stage history) + safetensors weights.
 
-`load_compressed` rebuilds the base architecture from the stored config, replays every
+`load_compressed` validates the manifest (manifest_schema.py), checks the weights file against
+its recorded sha256, rebuilds the base architecture from the stored config, replays every
 stage's `build` on its recorded plan (and what its training attached), then loads the weights
-strictly. Nothing is pickled.
+strictly. Nothing is pickled. The teacher is pinned (pin.py): `load_teacher` gives it back,
+checked, for commands that distil or evaluate again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +23,16 @@ from ..errors import CheckpointError
 from ..models.families import get_adapter
 from ..models.load import LoadedModel, build_from_config, load_weights_
 from ..models.pipeline import TextPipeline
+from ..sampling import NoiseSchedule
 from ..train.trainable import replay
+from .manifest_schema import FORMAT, LEGACY, read_manifest_file, validate_manifest
+from .pin import file_sha256, load_pinned_teacher, pin_teacher
 from .stage import Plan, get_stage
+
+log = logging.getLogger("dit_compress")
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-FORMAT = "ditc-compressed/2"  # /2: stages record a plan (was: metadata)
 
 
 @dataclass
@@ -43,7 +50,8 @@ class StageRecord:
 
 
 def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
-    """What `restore` needs (class + config) and where the teacher came from (for re-distilling)."""
+    """What `restore` needs (class + config) and the teacher pinned: its resolved location and
+    content hash (for distilling or evaluating again)."""
     return {
         "source": teacher.source,
         "model_spec": model_spec,
@@ -53,6 +61,7 @@ def base_reference(teacher: LoadedModel, model_spec: dict) -> dict:
         "scheduler_config": teacher.scheduler_config,
         "card": teacher.card,
         "pipeline": teacher.pipeline.record() if teacher.pipeline else None,
+        "teacher": pin_teacher(teacher, model_spec),
     }
 
 
@@ -84,9 +93,12 @@ def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[Sta
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    manifest["weights_sha256"] = file_sha256(tmp / WEIGHTS)  # same-shape weights swapped in fail the load
     if conditioner is not None:  # tiny, and it makes the checkpoint self-contained
         conditioner.save(tmp / CONDITIONER)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    text = json.dumps(manifest, indent=2) + "\n"
+    validate_manifest(json.loads(text), folder / MANIFEST)  # what a reader will get: never write what it refuses
+    (tmp / MANIFEST).write_text(text)
     stock = all(get_stage(s.name).is_stock(s.plan) and not s.attached for s in stages)
     if stock:  # still a stock diffusers class: also a folder that plain `from_pretrained` loads
         model.save_pretrained(tmp / DIFFUSERS)
@@ -99,16 +111,22 @@ def save_compressed(folder: Path, model: nn.Module, base: dict, stages: list[Sta
 
 
 def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / MANIFEST
+    """The folder's manifest.json, validated (one error naming the file and the field)."""
+    return read_manifest_file(Path(folder) / MANIFEST)
+
+
+def check_weights(folder: Path, manifest: dict) -> None:
+    """The weights file is the one the manifest was written with (a manifest before /3: a warning)."""
+    path = folder / WEIGHTS
+    if manifest["format"] == LEGACY:
+        log.warning("%s: format %s records no weights hash: the weights are loaded unchecked (re-save with "
+                    "`ditc distill` to pin them)", folder / MANIFEST, LEGACY)
+        return
     if not path.is_file():
-        raise CheckpointError(f"not a compressed checkpoint: {path} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
-    return manifest
+        raise CheckpointError(f"{path} is missing")
+    if file_sha256(path) != manifest["weights_sha256"]:
+        raise CheckpointError(f"{path}: not the weights this checkpoint was saved with (its sha256 differs from "
+                              f"{MANIFEST}'s weights_sha256): replaced or edited after saving")
 
 
 def load_compressed(folder: str | Path) -> LoadedModel:
@@ -117,7 +135,13 @@ def load_compressed(folder: str | Path) -> LoadedModel:
 
     folder = Path(folder)
     manifest = read_manifest(folder)
+    check_weights(folder, manifest)
     base = manifest["base"]
+    where = folder / MANIFEST
+    try:
+        NoiseSchedule(base["scheduler_config"])
+    except Exception as e:  # noqa: BLE001 - whatever diffusers makes of a bad config: one line
+        raise CheckpointError(f"{where}: base.scheduler_config: {str(e).splitlines()[0][:200]}") from None
     conditioner = None
     if (folder / CONDITIONER).is_dir():
         from ..models.conditioner import LabelConditioner
@@ -126,8 +150,12 @@ def load_compressed(folder: str | Path) -> LoadedModel:
     # The architecture is built and replayed on the meta device and the saved tensors are then
     # assigned to it: no random initialisation, and one copy of the weights in memory, not two.
     with init_empty_weights():
-        model = build_from_config({"_class_name": base["class_name"], **base["config"]})
-        adapter = get_adapter(model, base.get("latent_size"), conditioner)
+        try:
+            model = build_from_config({"_class_name": base["class_name"], **base["config"]})
+            adapter = get_adapter(model, base.get("latent_size"), conditioner)
+        except Exception as e:  # noqa: BLE001 - a config diffusers cannot build: one line
+            raise CheckpointError(f"{where}: base.config: cannot build {base['class_name']} from it "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         model = _replay_stages(model, manifest["stages"], adapter, folder)
     load_weights_(model, folder / WEIGHTS, "the architecture replayed from the manifest", assign=True)
     model.eval().requires_grad_(False)
@@ -137,8 +165,16 @@ def load_compressed(folder: str | Path) -> LoadedModel:
                        base.get("latent_size"), conditioner, pipeline)
 
 
+def load_teacher(folder: str | Path, teacher: str | None = None) -> LoadedModel:
+    """The teacher a compressed checkpoint was made from, checked against the checkpoint's pin.
+
+    `teacher`: where it is now, if it moved (the CLI's `--teacher`); it must hold the same weights."""
+    folder = Path(folder)
+    return load_pinned_teacher(folder / MANIFEST, read_manifest(folder)["base"], teacher)
+
+
 def _replay_stages(model: nn.Module, stages: list[dict], adapter, folder: Path) -> nn.Module:
-    for i, rec in enumerate(stages):
+    for i, rec in enumerate(stages):  # names and configs were validated with the manifest
         stage = get_stage(rec["name"])
         config = stage.config_cls.model_validate(rec["config"])
         try:

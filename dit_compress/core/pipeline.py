@@ -33,6 +33,7 @@ from ..errors import RecipeError, UnsupportedModelError
 from .phases import PhaseMeter
 from .processes import process_local, process_state
 from .manifest import MANIFEST, StageRecord, base_reference, load_compressed, read_manifest, save_compressed
+from .pin import load_pinned_teacher, pin_teacher
 from .recipe import Recipe, apply_overrides, parse_recipe
 from .stage import Plan, StageContext, get_stage
 
@@ -199,6 +200,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, teacher: LoadedModel | None 
     t_start = time.time()
     with meter("load teacher"):
         teacher = teacher or load_teacher(recipe.model.model_dump())  # fails before anything is written
+    for spec in recipe.stages:  # a stage that refuses this family fails now, before calibration
+        get_stage(spec.name).check_family(teacher.adapter.family, spec.config)
     out = Path(out_dir)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -243,17 +246,20 @@ def _finished_report(recipe: Recipe, out: Path) -> dict | None:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
-                        student: LoadedModel | None = None) -> dict:
-    """Export, evaluate and gate an existing compressed checkpoint with the recipe it was made by
-    (`student`: a model derived from it, such as a PPCL checkpoint with other intervals plugged)."""
+                        student: LoadedModel | None = None, teacher: str | None = None) -> dict:
+    """Export, evaluate and gate an existing compressed checkpoint with the recipe it was made by,
+    against its pinned teacher (`teacher`: where that teacher is now, if it moved); `student`: a
+    model derived from it, such as a PPCL checkpoint with other intervals plugged."""
     checkpoint = Path(checkpoint)
     manifest = read_manifest(checkpoint)
-    if "recipe" not in manifest:
+    if manifest.get("recipe") is None:
         raise RecipeError(f"{checkpoint}: the manifest carries no recipe to evaluate with")
     recipe = parse_recipe(apply_overrides(copy.deepcopy(manifest["recipe"]), overrides or []),
                           f"{checkpoint}/{MANIFEST}")
-    teacher = load_teacher(recipe.model.model_dump())
+    if recipe.model.source != (manifest["recipe"].get("model") or {}).get("source"):
+        teacher = teacher or recipe.model.source  # `--set model.source=...` points at the teacher too
     student = student or load_compressed(checkpoint)
+    teacher = load_pinned_teacher(checkpoint / MANIFEST, manifest["base"], teacher)
     out = Path(out_dir)
     (out / ".work").mkdir(parents=True, exist_ok=True)
     calib = build_calibration(teacher, recipe.calibration, out / ".work")
@@ -326,12 +332,13 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
 
 
 def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int = 300, lr: float = 2e-4,
-                       feature_weight: float = 0.0) -> Path:
-    """More recovery for an existing compressed checkpoint, against the teacher it came from."""
+                       feature_weight: float = 0.0, teacher: str | None = None) -> Path:
+    """More recovery for an existing compressed checkpoint, against the teacher it came from (checked
+    against its pin; `teacher`: where it is now, if it moved). The new checkpoint pins it again."""
     checkpoint, out = Path(checkpoint), Path(out)
     manifest = read_manifest(checkpoint)
     student = load_compressed(checkpoint)
-    teacher = load_teacher(manifest["base"]["model_spec"])
+    teacher = load_pinned_teacher(checkpoint / MANIFEST, manifest["base"], teacher)
     work = out.with_name(out.name + ".work")
     state = process_state()
     with state.main_process_first():
@@ -346,8 +353,10 @@ def distill_checkpoint(checkpoint: str | Path, out: str | Path, steps: int = 300
     student.model.eval().requires_grad_(False)
     if not state.is_main_process:
         return out
-    carried = {k: manifest[k] for k in ("recipe", "summaries") if k in manifest}
-    return save_compressed(out, student.model, manifest["base"], records, manifest.get("recipe_hash"), carried,
+    carried = {k: manifest[k] for k in ("recipe", "summaries") if manifest.get(k) is not None}
+    spec = {**manifest["base"]["model_spec"], "source": teacher.source}  # where the teacher is now
+    base = {**manifest["base"], "teacher": pin_teacher(teacher, spec)}
+    return save_compressed(out, student.model, base, records, manifest.get("recipe_hash"), carried,
                            student.conditioner, student.pipeline)
 
 

@@ -19,6 +19,25 @@ from ..sampling import NoiseSchedule, sample_batched
 from .metrics import psnr_ssim
 
 
+class CheckedGraph:
+    """An exported denoiser whose every output is checked before the sampler uses it: finite, and
+    shaped like its `sample` input. A graph that breaks either gives one error and writes nothing
+    (ONNX Runtime returns whatever the graph computes, NaN or a wrong shape included)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.path = denoiser, denoiser.path
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.denoiser(x, t, cond)
+        if tuple(out.shape) != tuple(x.shape):
+            raise CheckpointError(f"{self.path}: the graph returned shape {tuple(out.shape)} for a sample of shape "
+                                  f"{tuple(x.shape)}; it does not fit its card (export it again)")
+        if not bool(torch.isfinite(out).all()):
+            raise CheckpointError(f"{self.path}: the graph returned non-finite values (NaN or inf) at timestep "
+                                  f"{float(t.flatten()[0]):.4g}; nothing written")
+        return out
+
+
 def artifact_conditions(adapter, labels: str | None, num: int, conditions: Path | None) -> dict[str, torch.Tensor]:
     """Conditions from --labels (class-conditional cards) or an .npz of arrays named like the card's inputs."""
     card = adapter.card
@@ -77,12 +96,15 @@ def sample_artifact(artifact: Path, out: Path, labels: str | None = None, num: i
     noise = torch.randn(n, *loaded.adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
     schedule = NoiseSchedule(loaded.scheduler_config)
     start = time.time()
-    images = sample_batched(loaded.model, loaded.adapter, schedule, cond, noise, steps, guidance,
+    images = sample_batched(CheckedGraph(loaded.model), loaded.adapter, schedule, cond, noise, steps, guidance,
                             desc=f"sampling {Path(artifact).name}")
     result = {"num": n, "steps": steps, "guidance": guidance, "seconds": time.time() - start}
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), images.numpy())
+    # Latents of a non-pixel card are no picture: only the .npy is written, and said so.
+    result["written"] = [str(out.with_suffix(".npy"))]
     if card.get("pixel_space"):
+        result["written"].insert(0, str(out))
         labels = cond.get("class_labels")
         save_image_grid(images, out, labels=[str(int(v)) for v in labels] if labels is not None
                         else [f"#{i}" for i in range(n)])  # --conditions: the row of the .npz arrays

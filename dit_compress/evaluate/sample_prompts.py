@@ -22,6 +22,7 @@ from ..models.load import ZOO_PREFIX, resolve_source
 from ..models.pipeline import INDEX, MAX_PROMPT_CHARS, TextPipeline
 from ..sampling import NoiseSchedule, sample_batched
 from .metrics import psnr_ssim
+from .sample import CheckedGraph
 
 MIN_CELL = 128      # images are scaled up (nearest) to at least this many pixels wide
 COLUMNS = 8
@@ -120,7 +121,7 @@ def sample_prompts(artifact: Path, out: Path, prompts: list[str], pipeline: str 
     noise = torch.randn(len(prompts), *loaded.adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
     schedule = NoiseSchedule(loaded.scheduler_config)
     start = time.time()
-    images = pipe.decode(sample_batched(loaded.model, loaded.adapter, schedule, cond, noise, steps, guidance,
+    images = pipe.decode(sample_batched(CheckedGraph(loaded.model), loaded.adapter, schedule, cond, noise, steps, guidance,
                                         desc=f"sampling {artifact.name}", null=null))
     result = {"num": len(prompts), "steps": steps, "guidance": guidance, "seconds": time.time() - start,
               "pipeline": str(pipe.folder)}
@@ -143,6 +144,7 @@ def sample_prompts(artifact: Path, out: Path, prompts: list[str], pipeline: str 
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), images.numpy())
     save_prompt_grid(rows, prompts, out, labels)
+    result["written"] = [str(out), str(out.with_suffix(".npy"))]
     return result
 
 

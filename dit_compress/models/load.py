@@ -147,9 +147,24 @@ def _load_pretrained(source: str, subfolder: str | None) -> nn.Module:
     cls = _class_of(cfg, where)
     try:
         with quiet_loading():
-            return cls.from_pretrained(source, subfolder=subfolder, low_cpu_mem_usage=True)
+            model, info = cls.from_pretrained(source, subfolder=subfolder, low_cpu_mem_usage=True,
+                                              output_loading_info=True)
     except Exception as e:
         raise CheckpointError(f"cannot load weights of {where}: {str(e).splitlines()[0]}") from None
+    check_loading_info(info, where)
+    return model
+
+
+def check_loading_info(info: dict, where: str) -> None:
+    """Weights that do not fit the config are an error: diffusers only logs a warning, then drops
+    the extra blocks or leaves the missing ones at their random initialisation."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    mismatched = [k for k, *_ in info.get("mismatched_keys") or []]
+    if missing or unexpected or mismatched:
+        parts = [f"{label} {len(keys)} (e.g. {', '.join(keys[:2])})" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)) if keys]
+        raise CheckpointError(f"{where}: the weights do not match config.json (a wrong num_layers or width?): "
+                              f"weights {'; '.join(parts)}")
 
 
 def _load_safetensors_file(path: Path, config: str | None) -> nn.Module:

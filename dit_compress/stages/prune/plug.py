@@ -10,8 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ...core.manifest import load_compressed, read_manifest
-from ...core.pipeline import load_teacher
+from ...core.manifest import load_compressed, load_teacher, read_manifest
 from ...errors import CheckpointError, RecipeError
 from ...models.load import LoadedModel
 from .depth import remove_blocks_
@@ -40,8 +39,9 @@ def ppcl_plan(folder: Path) -> dict:
     return stages[0]["plan"]
 
 
-def plug(folder: str | Path, keys: list[str]) -> LoadedModel:
-    """The model with exactly the intervals `keys` plugged, from the checkpoint and its teacher."""
+def plug(folder: str | Path, keys: list[str], teacher: str | None = None) -> LoadedModel:
+    """The model with exactly the intervals `keys` plugged, from the checkpoint and its pinned
+    teacher (`teacher`: where that teacher is now, if it moved)."""
     folder = Path(folder)
     plan = ppcl_plan(folder)
     trained = plan_from_json(plan["intervals"])
@@ -55,7 +55,7 @@ def plug(folder: str | Path, keys: list[str]) -> LoadedModel:
         raise CheckpointError(f"{folder}: holds the replacements of {sorted(held)} only (a smaller "
                               f"variant); plug {missing[0]} from the run's main checkpoint")
     student = load_compressed(folder)
-    teacher = load_teacher(read_manifest(folder)["base"]["model_spec"])
+    teacher = load_teacher(folder, teacher)
     names = plan["names"]
     if [f"{g.attr}.{j}" for g, j, _ in teacher.adapter.blocks(teacher.model)] != names:
         raise CheckpointError(f"{folder}: the teacher's blocks no longer match the ones this checkpoint was cut from")

@@ -22,7 +22,7 @@ from ...probes.redundancy import analyse_states
 from .config import PruneConfig
 from .depth import remove_blocks_
 from .surgery import block_names, protected_indices, slice_width_, width_choices
-from .width import QKV, attention_modules, ffn_inputs, width_prune_
+from .width import QKV, attention_modules, ffn_inputs, require_width_support, width_prune_
 
 __all__ = ["PruneStage", "remove_blocks_", "uniform_width_fractions"]
 
@@ -56,6 +56,7 @@ def _prunable_parameters(adapter: FamilyAdapter, model: nn.Module) -> tuple[int,
 def uniform_width_fractions(adapter: FamilyAdapter, model: nn.Module, ratio: float) -> tuple[float, float]:
     """Head and FFN fractions that remove `ratio` of all parameters: the same share of each
     where head granularity allows (at least one head stays), FFN channels making up the rest."""
+    require_width_support(adapter, model)  # else the arithmetic below runs on layers it cannot prune
     attn, ffn, heads = _prunable_parameters(adapter, model)
     target = ratio * sum(p.numel() for p in model.parameters())
     share = target / max(1, attn + ffn)
