@@ -120,6 +120,14 @@ def parse_yaml(text: bytes | str, where: str, what: str, error: type[DitcError])
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             raise error(f"{where}: not {_a(what)} (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    try:
+        depth = 0  # PyYAML's parser is iterative, its composer recursive: nesting is bounded in between
+        for event in yaml.parse(text, Loader=_Loader):
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_DEPTH:
+                raise error(f"{where}: nested more than {MAX_DEPTH} levels deep; not {_a(what)}")
+    except yaml.YAMLError as e:
+        raise error(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
     loader = _Loader(text)
     try:
         node = loader.get_single_node()

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterError, CheckpointError
-from ..fileio import read_json, validate
+from ..fileio import atomic_folder, read_json, validate
 from .methods import METHODS, PEFT_TYPES, method_for
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -140,13 +140,13 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str) -> Path:
     tensors = _state(model, name)
     if not tensors:
         raise AdapterError(f"no parameters for adapter {name!r}")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE),
-              metadata={"format": "pt"})
     config = copy.deepcopy(_configs(model)[name])
     config.inference_mode = True  # as peft saves: a loaded adapter serves until asked to train
-    config.save_pretrained(str(folder), auto_mapping_dict={"base_model_class": type(model).__name__,
-                                                           "parent_library": type(model).__module__})
+    with atomic_folder(folder) as tmp:  # the folder appears whole, weights and config together
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        config.save_pretrained(str(tmp), auto_mapping_dict={"base_model_class": type(model).__name__,
+                                                            "parent_library": type(model).__module__})
     return folder
 
 

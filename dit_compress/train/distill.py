@@ -18,7 +18,7 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -54,7 +54,8 @@ class ResumeState(BaseModel):
     version: Literal[1] = RESUME_VERSION
     step: int = Field(ge=0, le=10 ** 9)
     fingerprint: str = Field(max_length=64)
-    param_groups: list[dict[str, Any]] = Field(max_length=1024)
+    # torch's optimizer settings: numbers, flags, (beta) pairs and parameter ids; nothing else
+    param_groups: list[dict[str, int | float | bool | None | list[int | float]]] = Field(max_length=1024)
     history: list[_HistoryRow] = Field(max_length=10 ** 7)
 
 
@@ -232,9 +233,9 @@ class Distiller:
         if not meta_path.is_file():
             return 0, []
         restart = f"; delete {self.ckpt} to restart this training from step 0"
-        meta = read_json(meta_path, "resume state", CheckpointError)
         try:
-            state = validate(ResumeState, meta, str(meta_path), CheckpointError)
+            state = validate(ResumeState, read_json(meta_path, "resume state", CheckpointError), str(meta_path),
+                             CheckpointError)
         except CheckpointError as e:
             raise CheckpointError(f"{e}{restart}") from None
         if state.fingerprint != self.fingerprint:
