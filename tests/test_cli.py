@@ -88,7 +88,7 @@ def test_check_bad_gate_file_is_one_line(tmp_path, gate, message):
     assert res.exit_code == 2 and len(_errors(res)) == 1 and message in res.output, res.output
 
 
-@pytest.mark.parametrize("content, message", [(None, "report not found"), ("{oops", "cannot read report"),
+@pytest.mark.parametrize("content, message", [(None, "report not found"), ("{oops", "not a report (not valid JSON"),
                                               ("[1, 2]", "not a report")])
 def test_check_bad_report_is_one_line(tmp_path, content, message):
     report = tmp_path / "report.json"
