@@ -75,7 +75,8 @@ def test_validate_checks_the_model_source_as_run_will(tmp_path):
 @pytest.mark.parametrize("gate, message", [
     (None, "gate file not found"),
     ("gate: [unclosed", "not valid YAML"),
-    ("gate: 3", "expected a `gate:` list"),
+    ("gate: 3", "gate: Input should be a valid list (got 3)"),
+    ("gate: [{metric: quality.psnr_db, min: '10'}]", "gate[0].min: Input should be a valid number"),
     ("gate:\n  - {metric: quality.psnr_db, maximum: 1}", "gate[0].maximum: unknown key; did you mean `max`?"),
 ])
 def test_check_bad_gate_file_is_one_line(tmp_path, gate, message):
