@@ -105,16 +105,14 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     keys, with "did you mean"), and the model source as `run` will find it (zoo name, path, class).
 
     A file holding only a `gate:` list (for `ditc check --gate`) is checked as a gate file."""
-    import yaml
-
     from .core.recipe import load_recipe
+    from .errors import RecipeError
+    from .evaluate.gate import gate_rules
+    from .fileio import read_yaml
 
-    try:
-        raw = yaml.safe_load(recipe.read_text())
-    except (OSError, yaml.YAMLError):
-        raw = None  # load_recipe reports it
-    if isinstance(raw, dict) and set(raw) == {"gate"}:
-        rules = _gate_rules(raw["gate"], recipe)
+    raw = read_yaml(recipe, "recipe", RecipeError)
+    if isinstance(raw, dict) and set(raw) - {"version"} == {"gate"}:
+        rules = gate_rules(raw, recipe)
         click.echo(f"ok: gate file {recipe} ({len(rules)} rules)")
         return
     r = load_recipe(recipe, list(overrides), check_source=True)
@@ -486,62 +484,18 @@ def check(report: Path, gate_file: Path | None) -> None:
     """Re-check the quality gate of REPORT (report.json); exit 1 if it is violated, 2 if REPORT or the
     gate file cannot be read."""
     from .errors import RecipeError
-    from .evaluate.gate import check_gate
+    from .evaluate.gate import check_gate, gate_rules, read_gate_file, read_report
 
-    data = _read_json(report, "report")
+    data = read_report(report)
     if gate_file is not None:
-        rules = _gate_rules(_read_yaml(gate_file, "gate file"), gate_file)
+        rules = read_gate_file(gate_file)
     else:
-        rules = _gate_rules(data.get("recipe", {}).get("gate") or [], report)
-    if not rules:
-        raise RecipeError(f"{report}: no gate rules (add a `gate:` section or pass --gate)")
+        rules = (data.get("recipe") or {}).get("gate")
+        if not rules:
+            raise RecipeError(f"{report}: no gate rules (add a `gate:` section or pass --gate)")
+        rules = gate_rules(rules, report)
     data["gate"] = check_gate(data, rules)
     sys.exit(_print_gate(data))
-
-
-def _read_json(path: Path, what: str) -> dict:
-    from .errors import RecipeError
-
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RecipeError(f"cannot read {what} {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: not a {what} (expected a JSON object)")
-    return data
-
-
-def _read_yaml(path: Path, what: str):
-    import yaml
-
-    from .errors import RecipeError
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read {what} {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-
-
-def _gate_rules(raw, where: Path) -> list[dict]:
-    """Validated gate rules from a gate list, a mapping with `gate:`, or a recipe."""
-    from pydantic import TypeAdapter, ValidationError
-
-    from .core.recipe import GateRule, describe_errors
-    from .errors import RecipeError
-
-    rules = raw.get("gate") if isinstance(raw, dict) else raw
-    if not isinstance(rules, list):
-        raise RecipeError(f"{where}: expected a `gate:` list of rules like `- {{metric: quality.fd_ratio, max: 2}}`")
-    try:
-        return [r.model_dump() for r in TypeAdapter(list[GateRule]).validate_python(rules)]
-    except ValidationError as e:
-        raise RecipeError("\n".join(describe_errors(e, f"{where}: gate", GateRule))) from None
 
 
 @main.command("zoo-train")
@@ -742,14 +696,12 @@ def codec_encode(codec_dir: Path, image: Path, out: Path) -> None:
     """Compress IMAGE (converted to grayscale) to a .ditc file with the codec in CODEC_DIR."""
     from .codec.files import compress
     from .codec.store import load_codec
+    from .fileio import write_atomic
 
     model, config = load_codec(codec_dir)
     x = _read_gray(image)
     data, _ = compress(model, x, str(codec_dir), config["lambda"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(out)
+    write_atomic(out, data)
     click.echo(f"wrote {out}: {len(data)} bytes, {8 * len(data) / (x.shape[1] * x.shape[2]):.4f} bpp")
 
 
@@ -761,17 +713,23 @@ def codec_encode(codec_dir: Path, image: Path, out: Path) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Decoded image (.png).")
 def codec_decode(codec_dir: Path, file: Path, steps: int, out: Path) -> None:
     """Decode a .ditc FILE with the codec that wrote it."""
+    import io
+
     import numpy as np
     from PIL import Image
 
     from .codec.files import decompress
     from .codec.store import load_codec
+    from .fileio import read_bytes, write_atomic
 
     model, _ = load_codec(codec_dir)
-    x_hat, _ = decompress(model, file.read_bytes(), str(file), steps=steps)
+    from .codec.bitstream import BitstreamError
+
+    x_hat, _ = decompress(model, read_bytes(file, "codec file", BitstreamError), str(file), steps=steps)
     arr = ((x_hat[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr, mode="L").save(out)
+    png = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(png, format="PNG")
+    write_atomic(out, png.getvalue())
     click.echo(f"wrote {out} ({arr.shape[1]}x{arr.shape[0]})")
 
 

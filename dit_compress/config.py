@@ -6,7 +6,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictConfig(BaseModel):
-    """Unknown keys are errors (a misspelt key never silently falls back to a default), and a
-    validated config is a value: frozen, so the recipe hash recorded for a run stays true."""
+    """Unknown keys are errors (a misspelt key never silently falls back to a default); types are
+    strict (`steps: true` or `steps: "5"` is an error, not 1 or 5; an integer still reads where a
+    float belongs); and a validated config is a value: frozen, so the recipe hash recorded for a
+    run stays true."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

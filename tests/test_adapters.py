@@ -133,7 +133,9 @@ def test_a_bad_adapter_config_is_rejected_saying_what_is_wrong(tmp_path):
         (json.dumps({**good, "peft_type": "DORA"}), r"peft_type 'DORA' is not a method the toolchain serves "
                                                      r"\(LORA, TD_LORA, DIFFSCALER\)"),
         (json.dumps({**good, "rank": 4}), r"td_lora adapter config: unknown key\(s\) \['rank'\]"),
-        (json.dumps({**good, "num_experts": 0}), r"TD-LoRA needs r >= 1 and num_experts >= 1"),
+        (json.dumps({**good, "num_experts": 0}), r"num_experts: Input should be greater than or equal to 1"),
+        (json.dumps({**good, "r": 10 ** 9}), r"r: Input should be less than or equal to 1024"),  # before allocating
+        (json.dumps({**good, "r": True}), r"r: Input should be a valid integer"),
     ]
     for text, message in cases:
         (tmp_path / "x" / "adapter_config.json").write_text(text)

@@ -75,7 +75,8 @@ def test_validate_checks_the_model_source_as_run_will(tmp_path):
 @pytest.mark.parametrize("gate, message", [
     (None, "gate file not found"),
     ("gate: [unclosed", "not valid YAML"),
-    ("gate: 3", "expected a `gate:` list"),
+    ("gate: 3", "gate: Input should be a valid list (got 3)"),
+    ("gate: [{metric: quality.psnr_db, min: '10'}]", "gate[0].min: Input should be a valid number"),
     ("gate:\n  - {metric: quality.psnr_db, maximum: 1}", "gate[0].maximum: unknown key; did you mean `max`?"),
 ])
 def test_check_bad_gate_file_is_one_line(tmp_path, gate, message):
@@ -88,7 +89,7 @@ def test_check_bad_gate_file_is_one_line(tmp_path, gate, message):
     assert res.exit_code == 2 and len(_errors(res)) == 1 and message in res.output, res.output
 
 
-@pytest.mark.parametrize("content, message", [(None, "report not found"), ("{oops", "cannot read report"),
+@pytest.mark.parametrize("content, message", [(None, "report not found"), ("{oops", "not a report (not valid JSON"),
                                               ("[1, 2]", "not a report")])
 def test_check_bad_report_is_one_line(tmp_path, content, message):
     report = tmp_path / "report.json"

@@ -4,7 +4,8 @@ and every import points down the layers.
 Layers, lowest first; a module imports its own layer and those below it, never above:
 
     foundation  the package root (`__version__` and a lazy by-name facade), errors, config
-                (the one strict-config base), timing
+                (the one strict-config base), fileio (bounded reading, validation, atomic
+                writes), timing
     models      families, loading, the label conditioner, the digits classifier
     sampling    the noise schedule and the sampling loop
     data        teacher calibration, digits, adaptation tasks
@@ -39,7 +40,8 @@ PACKAGE = "dit_compress"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS = [
-    ("foundation", [PACKAGE, f"{PACKAGE}.errors", f"{PACKAGE}.config", f"{PACKAGE}.timing"]),
+    ("foundation", [PACKAGE, f"{PACKAGE}.errors", f"{PACKAGE}.config", f"{PACKAGE}.fileio",
+                    f"{PACKAGE}.timing"]),
     ("models", [f"{PACKAGE}.models"]),
     ("sampling", [f"{PACKAGE}.sampling"]),
     ("data", [f"{PACKAGE}.data"]),

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 
 import torch.nn as nn
 from peft import PeftConfig
+from pydantic import BaseModel, ConfigDict, Field
 from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_adapter, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterError, CheckpointError
+from ..fileio import atomic_folder, read_json, validate
 from .methods import METHODS, PEFT_TYPES, method_for
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -139,25 +140,39 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str) -> Path:
     tensors = _state(model, name)
     if not tensors:
         raise AdapterError(f"no parameters for adapter {name!r}")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE),
-              metadata={"format": "pt"})
     config = copy.deepcopy(_configs(model)[name])
     config.inference_mode = True  # as peft saves: a loaded adapter serves until asked to train
-    config.save_pretrained(str(folder), auto_mapping_dict={"base_model_class": type(model).__name__,
-                                                           "parent_library": type(model).__module__})
+    with atomic_folder(folder) as tmp:  # the folder appears whole, weights and config together
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        config.save_pretrained(str(tmp), auto_mapping_dict={"base_model_class": type(model).__name__,
+                                                            "parent_library": type(model).__module__})
     return folder
+
+
+class AdapterSizes(BaseModel):
+    """The fields of an `adapter_config.json` that size the tensors an adapter allocates, bounded
+    and strictly typed before peft sees them; the rest is peft's schema, checked by its config
+    class (its `peft_type` is the schema's name, peft's version field its version)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    peft_type: str = Field(max_length=64)
+    r: int = Field(4, ge=1, le=1024)
+    num_experts: int = Field(4, ge=1, le=64)
+    time_dim: int = Field(64, ge=2, le=4096)
+    bottleneck: int = Field(4, ge=1, le=4096)
+    num_task_classes: int = Field(1, ge=1, le=100_000)
+    lora_alpha: float = Field(8, ge=0, le=1e6)
+    target_modules: list[str] | str | None = None
 
 
 def read_config(folder: str | Path) -> tuple[str, PeftConfig]:
     """The method and peft config of the adapter saved in `folder`, or a CheckpointError saying what is wrong."""
     path = Path(folder) / CONFIG_FILE
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not an adapter config ({e})") from None
+    spec = read_json(path, "adapter config", CheckpointError, max_bytes=1 << 20)
     if not isinstance(spec, dict) or "peft_type" not in spec:
         raise CheckpointError(f"{path}: not a peft adapter config (it has no peft_type)")
+    validate(AdapterSizes, spec, str(path), CheckpointError)  # before peft builds anything
     method = method_for(spec["peft_type"])
     if method is None:
         raise CheckpointError(f"{path}: peft_type {spec['peft_type']!r} is not a method the toolchain serves "

@@ -16,6 +16,7 @@ import zlib
 from dataclasses import dataclass
 
 from ..errors import DitcError
+from ..fileio import parse_json
 
 MAGIC = b"DITC"
 VERSION = 1
@@ -65,8 +66,5 @@ class Bitstream:
             raise BitstreamError(f"{where}: {len(body) - pos} unexpected bytes after the last stream")
         if zlib.crc32(body) != crc:
             raise BitstreamError(f"{where}: checksum mismatch (the file is corrupt)")
-        try:
-            header = json.loads(body[9:9 + header_len].decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BitstreamError(f"{where}: unreadable header ({e})") from None
+        header = parse_json(body[9:9 + header_len], f"{where}: header", "codec header", BitstreamError)
         return cls(header, tuple(streams))

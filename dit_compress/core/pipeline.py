@@ -22,14 +22,15 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..data.calibration import CalibrationSpec, build_calibration
 from ..evaluate.evaluator import Evaluator
-from ..evaluate.gate import check_gate
+from ..evaluate.gate import REPORT_VERSION, check_gate
 from ..evaluate.report import save_curves, save_grid, write_json, write_markdown
 from ..export.artifact import deployment_card
 from ..evaluate.judge import judge_deployment
 from ..export.onnx import export_onnx
 from ..models.load import LoadedModel, load_transformer
 from ..train.distill import DistillConfig, Distiller
-from ..errors import RecipeError, UnsupportedModelError
+from ..errors import CheckpointError, RecipeError, UnsupportedModelError
+from ..fileio import read_json
 from .phases import PhaseMeter
 from .processes import process_local, process_state
 from .manifest import MANIFEST, StageRecord, base_reference, load_compressed, read_manifest, save_compressed
@@ -159,7 +160,11 @@ def _cached_plan(stage, model, adapter, config, ctx: StageContext, key: str) -> 
     folder = ctx.work_dir / "plan"
     meta = folder / "plan.json"
     if key and meta.is_file():
-        saved = json.loads(meta.read_text())
+        saved = read_json(meta, "stage plan", CheckpointError)
+        if not (isinstance(saved, dict) and isinstance(saved.get("key"), str) and isinstance(saved.get("notes"), dict)
+                and "choices" in saved):
+            raise CheckpointError(f"{meta}: not a stage plan (expected key, choices, notes); delete {folder} "
+                                  "to plan this stage again")
         if saved.get("key") == key:
             init = load_file(str(folder / "init.safetensors")) if (folder / "init.safetensors").is_file() else {}
             return Plan(saved["choices"], init, saved["notes"])
@@ -311,7 +316,7 @@ def export_and_report(recipe: Recipe, teacher: LoadedModel, student: LoadedModel
         with meter("deployment variants"):
             deployment = judge_deployment(e, student_onnx, ev, calib, out / ".work")
     report = {
-        "version": __version__, "recipe": recipe.to_dict(), "recipe_hash": recipe.hash,
+        "report_version": REPORT_VERSION, "version": __version__, "recipe": recipe.to_dict(), "recipe_hash": recipe.hash,
         "teacher": teacher.source, "family": teacher.adapter.family,
         "quality": quality, "cost": cost, "export": export_info, "stages": summaries,
         "artifacts": {"checkpoint": str(ckpt), "onnx": str(student_onnx) if student_onnx else None},

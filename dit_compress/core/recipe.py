@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ..config import StrictConfig
 from ..data.calibration import CalibrationSpec
 from ..errors import RecipeError
+from ..fileio import describe_errors, did_you_mean, read_yaml, yaml_value
 from ..train.distill import DistillConfig
 from ..train.trainable import trainable_policy
 from .stage import get_stage
@@ -79,7 +78,11 @@ class StageSpec(StrictConfig):
     config: StrictConfig
 
 
+RECIPE_VERSION = 1
+
+
 class Recipe(StrictConfig):
+    version: Literal[1] = Field(RECIPE_VERSION, description="recipe schema version (a recipe without it is 1)")
     name: str
     description: str = ""
     model: ModelSpec
@@ -90,7 +93,8 @@ class Recipe(StrictConfig):
     export: ExportSpec = Field(default_factory=ExportSpec)
 
     def to_dict(self) -> dict:
-        d = self.model_dump(mode="json", exclude={"stages"})
+        # The schema version is not part of what a run computes, so not of its hash.
+        d = self.model_dump(mode="json", exclude={"stages", "version"})
         d["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
         return d
 
@@ -128,54 +132,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
+        _set_path(data, key.strip(), yaml_value(raw, f"--set {item}", RecipeError))
     return data
-
-
-def _field_names(cls: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names allowed at `loc` (a pydantic error location) inside `cls`, for "did you mean"."""
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(part)
-        if field is None:
-            break
-        nested = [a for a in (field.annotation, *get_args(field.annotation))
-                  if isinstance(a, type) and issubclass(a, BaseModel)]
-        nested += [b for a in get_args(field.annotation) for b in get_args(a)
-                   if isinstance(b, type) and issubclass(b, BaseModel)]  # list[Model] | None
-        if not nested:
-            break
-        cls = nested[0]
-    return list(cls.model_fields)
-
-
-def did_you_mean(word: str, choices) -> str:
-    """'; did you mean `x`?' for the closest of `choices`, or ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean `{close[0]}`?" if close else ""
-
-
-def describe_errors(e: ValidationError, where: str, cls: type[BaseModel], skip=frozenset()) -> list[str]:
-    """One line per pydantic error: the recipe location, what is wrong, and for unknown keys the
-    closest allowed name. `skip`: (location, error type) pairs already reported otherwise."""
-    lines = []
-    for err in e.errors():
-        loc = tuple(err["loc"])
-        if (".".join(map(str, loc)), err["type"]) in skip:
-            continue
-        path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-        sep = " " if where.endswith(":") else "" if path.startswith("[") else "."
-        field = f"{where}{sep}{path}" if path else where.rstrip(":")
-        if err["type"] == "extra_forbidden":
-            allowed = _field_names(cls, loc[:-1])
-            lines.append(f"{field}: unknown key{did_you_mean(loc[-1], allowed)} "
-                         f"(allowed: {', '.join(allowed)})")
-        elif err["type"] == "value_error" or not loc:  # a model's own consistency rule
-            lines.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
-    return lines
 
 
 def check_model_source(spec: ModelSpec) -> list[str]:
@@ -279,11 +237,5 @@ def parse_recipe(data: Any, where: str = "recipe", check_source: bool = False) -
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_source: bool = False) -> Recipe:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"recipe not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "recipe", RecipeError)
     return parse_recipe(apply_overrides(data or {}, overrides or []), str(path), check_source)

@@ -7,13 +7,12 @@ same loop as the fp32 graph, so the ratios come from one run on one machine.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from ..data.calibration import CalibrationSet
 from ..errors import DeploymentUnsupported
-from ..export.artifact import OnnxAdapter, load_artifact
+from ..export.artifact import OnnxAdapter, load_artifact, read_card
 from ..export.deploy import derive
 from ..export.onnx import card_path, ort_feeds, ort_session
 from . import cost
@@ -24,7 +23,7 @@ log = logging.getLogger("dit_compress")
 
 def judge_deployment(spec, student_onnx: Path, ev: Evaluator, calib: CalibrationSet, work: Path) -> dict:
     """The report's `deployment` section for `spec` (the recipe's export spec)."""
-    card = json.loads(card_path(student_onnx).read_text())
+    card = read_card(card_path(student_onnx))
     adapter = OnnxAdapter(card)
     batch, repeats = ev.spec.latency_batch, ev.spec.latency_repeats
     fp32_latency = cost.onnx_latency(student_onnx, adapter, batch, repeats)

@@ -7,13 +7,17 @@ model it came from, which `--reference` measures on the same noise.
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..fileio import read_bytes
 from ..export.artifact import load_artifact
 from ..sampling import NoiseSchedule, sample_batched
 from .metrics import psnr_ssim
@@ -38,16 +42,54 @@ class CheckedGraph:
         return out
 
 
+MAX_SAMPLES = 10_000  # rows of a --conditions file
+
+
+def read_conditions(path: Path, specs: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The condition arrays of an .npz, each checked against its card entry (dtype, per-sample
+    shape, one row count) from the array's header, before the array is read."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(read_bytes(path, "conditions file", CheckpointError)))
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: not an .npz file (not a zip archive)") from None
+    out, rows = {}, set()
+    with archive:
+        missing = sorted(k for k in specs if f"{k}.npy" not in archive.namelist())
+        if missing:
+            raise CheckpointError(f"{path}: missing condition array(s) {missing}; the card asks for {sorted(specs)}")
+        for name, spec in specs.items():
+            where = f"{path}: {name}"
+            try:
+                with archive.open(f"{name}.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0(f))
+                    got = (str(dtype), tuple(shape[1:]))
+                    if not shape or got != (spec["dtype"], tuple(spec["shape"])) or not 1 <= shape[0] <= MAX_SAMPLES:
+                        raise CheckpointError(
+                            f"{where}: expected {spec['dtype']} of shape (N, {', '.join(map(str, spec['shape']))}) "
+                            f"with 1 <= N <= {MAX_SAMPLES}, got {dtype} of shape {tuple(shape)}")
+                with archive.open(f"{name}.npy") as f:
+                    array = np.lib.format.read_array(f, allow_pickle=False)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise CheckpointError(f"{where}: unreadable array ({str(e).splitlines()[0][:200]})") from None
+            rows.add(shape[0])
+            out[name] = torch.from_numpy(array.copy())
+    if len(rows) > 1:
+        raise CheckpointError(f"{path}: the condition arrays have different row counts {sorted(rows)}")
+    return out
+
+
 def artifact_conditions(adapter, labels: str | None, num: int, conditions: Path | None) -> dict[str, torch.Tensor]:
     """Conditions from --labels (class-conditional cards) or an .npz of arrays named like the card's inputs."""
     card = adapter.card
     if conditions is not None:
-        with np.load(conditions, allow_pickle=False) as data:
-            missing = set(card["conditions"]) - set(data.files)
-            if missing:
-                raise CheckpointError(f"{conditions}: missing condition array(s) {sorted(missing)}; "
-                                      f"the card asks for {sorted(card['conditions'])}")
-            return {k: torch.from_numpy(data[k]) for k in card["conditions"]}
+        cond = read_conditions(conditions, card["conditions"])
+        labels_ = cond.get("class_labels")
+        if labels_ is not None and adapter.num_classes and not bool(((labels_ >= 0) & (labels_ <= adapter.num_classes)).all()):
+            raise CheckpointError(f"{conditions}: class_labels outside 0..{adapter.num_classes} "
+                                  f"({adapter.num_classes}: unconditioned)")
+        return cond
     if not adapter.num_classes:
         raise CheckpointError(f"this artifact is conditioned on {sorted(card['conditions'])}, not class labels: "
                               "pass --conditions FILE.npz")

@@ -9,19 +9,87 @@ the same `Evaluator` drive PyTorch models and exported graphs alike.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import CheckpointError, UnsupportedModelError
+from ..fileio import read_json, validate
 from ..models.families import FamilyAdapter, adapter_for_family
 from ..models.load import LoadedModel
 from .onnx import card_path, ort_session
 
-CARD_VERSION = 1
+CARD_VERSION = 1  # cards written before `card_version` read as 1
+MAX_CONDITION_VALUES = 1 << 22  # values per sample of one condition input (a long prompt's embedding: ~1e6)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ConditionSpec(_Strict):
+    dtype: Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"]
+    shape: list[Annotated[int, Field(ge=1, le=1 << 20)]] = Field(max_length=4, description="per sample")
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        if math.prod(self.shape) > MAX_CONDITION_VALUES:
+            raise ValueError(f"shape {self.shape}: more than {MAX_CONDITION_VALUES} values per sample")
+        return self
+
+
+class _Fill(_Strict):
+    fill: float
+
+
+class SamplingDefaults(_Strict):
+    steps: int = Field(ge=1, le=10_000)
+    guidance_scale: float = Field(ge=0, le=1000)
+
+
+class DeploymentCard(BaseModel):
+    """`NAME.json` beside `NAME.onnx`: what sampling the graph needs. Free-form sections (the
+    scheduler's and transformer's configs, export facts) are the libraries' own and kept as written."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    card_version: Literal[1] = CARD_VERSION
+    family: str = Field(max_length=64)
+    class_name: str = Field(max_length=256)
+    source: str = Field(max_length=4096)
+    latent_shape: list[Annotated[int, Field(ge=1, le=4096)]] = Field(min_length=3, max_length=3)
+    num_classes: int | None = Field(None, ge=1, le=1_000_000)
+    conditions: dict[str, ConditionSpec] = Field(max_length=64)
+    null_conditions: dict[str, Literal["same", "zeros"] | _Fill]
+    scheduler: dict[str, Any]
+    sampling: SamplingDefaults
+    pixel_space: bool = False
+    transformer_config: dict[str, Any] | None = None
+    pipeline: dict[str, Any] | None = None
+    precision: str | None = Field(None, max_length=64)
+    derived_from: str | None = Field(None, max_length=4096)
+    export: dict[str, Any] | None = None
+    timestep: int | float | None = None  # an adapter graph baked at one timestep
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if set(self.null_conditions) != set(self.conditions):
+            raise ValueError(f"null_conditions names {sorted(self.null_conditions)}, conditions {sorted(self.conditions)}")
+        c, h, w = self.latent_shape
+        if c * h * w > 1 << 24:
+            raise ValueError(f"latent_shape {self.latent_shape}: more than {1 << 24} values per sample")
+        return self
+
+
+def read_card(path: str | Path) -> dict:
+    """A deployment card, validated (CheckpointError naming the file and field), as a mapping."""
+    card = read_json(path, "deployment card", CheckpointError)
+    validate(DeploymentCard, card, str(path), CheckpointError)
+    return {"card_version": CARD_VERSION, **card}
 
 
 def null_spec(adapter: FamilyAdapter, cond: dict[str, torch.Tensor]) -> dict:
@@ -68,7 +136,13 @@ class OnnxDenoiser:
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
         self.path = Path(path)
-        self.session = ort_session(self.path, threads, providers)
+        try:
+            self.session = ort_session(self.path, threads, providers)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors (InvalidProtobuf, Fail, ...) share no base
+            if type(e).__module__.startswith("onnxruntime"):
+                raise CheckpointError(f"{self.path}: not an ONNX graph ONNX Runtime can load "
+                                      f"({str(e).splitlines()[0][:200]})") from None
+            raise
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,13 +230,10 @@ def load_artifact(onnx_path: str | Path, threads: int | None = None,
     cp = card_path(onnx_path)
     if not cp.is_file():
         raise CheckpointError(f"{onnx_path}: no card {cp.name} beside it (export with `ditc export` or `ditc run`)")
-    try:
-        card = json.loads(cp.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cp}: not valid JSON ({e})") from None
-    missing = {"family", "class_name", "latent_shape", "conditions", "null_conditions", "scheduler",
-               "sampling"} - card.keys()
-    if missing:
-        raise CheckpointError(f"{cp}: card lacks field(s) {sorted(missing)}")
-    return LoadedModel(OnnxDenoiser(onnx_path, threads, providers), OnnxAdapter(card), card["scheduler"],
-                       str(onnx_path))
+    card = read_card(cp)
+    denoiser = OnnxDenoiser(onnx_path, threads, providers)
+    described = {"sample", "timestep", *card["conditions"]}
+    if not set(denoiser.input_names) <= described:  # a graph may leave out an input it does not use
+        raise CheckpointError(f"{onnx_path}: graph inputs {sorted(denoiser.input_names)}, its card {cp.name} "
+                              f"describes {sorted(described)}")
+    return LoadedModel(denoiser, OnnxAdapter(card), card["scheduler"], str(onnx_path))

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..data.calibration import CalibrationSet
 from ..errors import DeploymentUnsupported, ExportParityError
-from .artifact import OnnxAdapter
+from ..fileio import write_atomic
+from .artifact import OnnxAdapter, read_card
 from .onnx import card_path, ort_feeds, ort_session, quiet_ort
 from .precision import fold, to_bf16, to_fp16
 from .quantize import quantize_int8
@@ -48,7 +49,7 @@ def derive(src: Path, kind: str, calib: CalibrationSet | None = None, half_rtol:
         raise ValueError(f"unknown deployment precision {kind!r}; choose from {', '.join(KINDS)}")
     quiet_ort()
     providers = providers or ["CPUExecutionProvider"]
-    card = json.loads(card_path(src).read_text())
+    card = read_card(card_path(src))
     dst = variant_path(src, kind)
     scratch = src.parent / f".{dst.name}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -79,6 +80,6 @@ def derive(src: Path, kind: str, calib: CalibrationSet | None = None, half_rtol:
     info = {"kind": kind, "path": str(dst), "bytes": dst.stat().st_size, "parity": check,
             "half_rtol": half_rtol if kind in ("fp16", "bf16") else None,
             "seconds": round(time.time() - start, 2), **info}
-    card_path(dst).write_text(json.dumps({**card, "precision": kind, "derived_from": src.name, "export": info},
-                                         indent=2) + "\n")
+    write_atomic(card_path(dst), json.dumps({**card, "precision": kind, "derived_from": src.name, "export": info},
+                                            indent=2) + "\n")
     return info

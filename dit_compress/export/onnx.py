@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportParityError
+from ..fileio import write_atomic
 from ..models.families import FamilyAdapter
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin
@@ -136,7 +137,7 @@ def export_onnx(model: nn.Module, adapter: FamilyAdapter, path: str | Path, batc
     info = {"path": str(path), "inputs": names, "opset": opset, "parity": check, "atol": atol,
             "export_seconds": round(export_seconds, 2), "external_data": n_bytes > EXTERNAL_DATA_BYTES,
             "bytes": path.stat().st_size}
-    card_path(path).write_text(json.dumps({**(card or {}), "precision": "fp32", "export": info}, indent=2) + "\n")
+    write_atomic(card_path(path), json.dumps({**(card or {}), "precision": "fp32", "export": info}, indent=2) + "\n")
     return info
 
 

@@ -18,16 +18,18 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import StrictConfig
 from ..data.calibration import Batch, CalibrationSet
-from ..errors import DistillationDiverged
+from ..errors import CheckpointError, DistillationDiverged
+from ..fileio import read_json, validate
 from ..models.families import FamilyAdapter
 from ..probes.capture import image_hidden
 from .memory import saved_activation_bytes, training_memory
@@ -36,6 +38,25 @@ from .trainable import Patterns, trainable_policy
 
 
 TD_LORA = "td_lora"
+RESUME_VERSION = 1  # state.json's `version`; states written before it have none and read as 1
+
+
+class _HistoryRow(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    step: int = Field(ge=0)
+    output_mse: float
+
+
+class ResumeState(BaseModel):
+    """A distillation checkpoint's state.json: where an interrupted run resumes."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    version: Literal[1] = RESUME_VERSION
+    step: int = Field(ge=0, le=10 ** 9)
+    fingerprint: str = Field(max_length=64)
+    # torch's optimizer settings: numbers, flags, (beta) pairs and parameter ids; nothing else
+    param_groups: list[dict[str, int | float | bool | None | list[int | float]]] = Field(max_length=1024)
+    history: list[_HistoryRow] = Field(max_length=10 ** 7)
 
 
 class DistillConfig(StrictConfig):
@@ -202,7 +223,7 @@ class Distiller:
                    for k, v in s.items() if torch.is_tensor(v)}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({
-            "step": step, "fingerprint": self.fingerprint, "param_groups": state["param_groups"],
+            "version": RESUME_VERSION, "step": step, "fingerprint": self.fingerprint, "param_groups": state["param_groups"],
             "history": history}))
         shutil.rmtree(self.ckpt, ignore_errors=True)
         tmp.rename(self.ckpt)
@@ -211,19 +232,34 @@ class Distiller:
         meta_path = self.ckpt / "state.json"
         if not meta_path.is_file():
             return 0, []
-        meta = json.loads(meta_path.read_text())
-        if meta["fingerprint"] != self.fingerprint:
+        restart = f"; delete {self.ckpt} to restart this training from step 0"
+        try:
+            state = validate(ResumeState, read_json(meta_path, "resume state", CheckpointError), str(meta_path),
+                             CheckpointError)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{restart}") from None
+        if state.fingerprint != self.fingerprint:
             return 0, []  # a different config: start over rather than mix runs
-        params = dict(model.named_parameters())
-        for n, v in load_file(str(self.ckpt / "student.safetensors")).items():
-            params[n].data.copy_(v)
-        flat = load_file(str(self.ckpt / "optimizer.safetensors"))
-        state: dict[int, dict] = {}
-        for key, v in flat.items():
-            pid, k = key.split(".", 1)
-            state.setdefault(int(pid), {})[k] = v
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        return int(meta["step"]), meta["history"]
+        if state.step > self.config.steps:
+            raise CheckpointError(f"{meta_path}: step {state.step} is past this run's {self.config.steps} steps{restart}")
+        try:
+            params = dict(model.named_parameters())
+            saved = load_file(str(self.ckpt / "student.safetensors"))
+            wrong = sorted(n for n, v in saved.items() if n not in params or params[n].shape != v.shape)
+            if wrong or set(saved) != {n for n, p in params.items() if p.requires_grad}:
+                raise ValueError(f"its tensors do not fit the trained parameters (e.g. {wrong[:2]})")
+            for n, v in saved.items():
+                params[n].data.copy_(v)
+            flat = load_file(str(self.ckpt / "optimizer.safetensors"))
+            opt_state: dict[int, dict] = {}
+            for key, v in flat.items():
+                pid, k = key.split(".", 1)
+                opt_state.setdefault(int(pid), {})[k] = v
+            opt.load_state_dict({"state": opt_state, "param_groups": state.param_groups})
+        except Exception as e:  # noqa: BLE001 - any unreadable or mismatched file: the same advice
+            raise CheckpointError(f"{self.ckpt}: cannot resume ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}){restart}") from None
+        return state.step, [row.model_dump() for row in state.history]
 
     def _lr_factor(self, step: int) -> float:
         c = self.config

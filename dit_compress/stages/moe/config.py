@@ -15,7 +15,7 @@ class MoEConfig(StrictConfig):
     segments: int = Field(8, ge=2)
     shared_segments: int = Field(1, ge=0)
     top_k: int = Field(2, ge=1)
-    targets: tuple[str, ...] = Field(("ff", "ff_context"), min_length=1,
+    targets: tuple[str, ...] = Field(("ff", "ff_context"), min_length=1, strict=False,  # a YAML/JSON list
                                      description="FeedForward attributes of a block to convert")
     taylor_batches: int = Field(4, ge=1, description="calibration batches for Taylor scores and the router fit")
     balance_weight: float = Field(0.05, ge=0, description="weight of the load-balancing loss")
