@@ -173,7 +173,8 @@ def test_one_off_options_keep_the_configs_other_defaults(captured, tmp_path):
     assert recipe.evaluation.num_samples == 50 and recipe.evaluation.seeds == [0]
     assert kw == {"reuse_report": True}
 
-    res = _cli("prune", "zoo:digits-dit", "--ratio", "0.5", "--head-fraction", "0.25", "-o", tmp_path / "p",
+    res = _cli("prune", "zoo:digits-dit", "--method", "ppcl-hybrid", "--ratio", "0.5", "--head-fraction", "0.25",
+               "-o", tmp_path / "p",
                "--redo-eval")
     assert res.exit_code == 0, res.output
     recipe, kw = captured[-1]

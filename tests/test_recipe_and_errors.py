@@ -47,7 +47,7 @@ def test_good_recipe_validates_and_hash_is_stable(tmp_path):
     (lambda d: d["stages"][0]["prune"].update(ratio="half"), "stages[0].prune.ratio"),
     (lambda d: d["stages"][0]["prune"].update(ratio=1.5), "less than 1"),
     (lambda d: d["stages"][0]["prune"].update(remove=[1, 2]), "`remove` belongs to method depth, not ppcl"),
-    (lambda d: d["stages"][0]["prune"].update(method="depth", ratios=[0.25]), "`ratios` and `intervals` belong"),
+    (lambda d: d["stages"][0]["prune"].update(method="depth", ratios=[0.25]), "`ratios`, `intervals` and `max_interval` belong to the ppcl methods"),
     (lambda d: d["stages"][0]["prune"].update(intervals=[[3, 1]]), "first < last"),
     (lambda d: d["stages"][0]["prune"].update(method="width", width={"heads": 0.5}), "follow from `ratio`"),
     (lambda d: d["stages"][0]["prune"].update(recover=None), "cannot be null"),
