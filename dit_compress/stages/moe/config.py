@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ...config import StrictConfig
-from ...train.distill import DistillConfig
+from ...train.distill import TD_LORA, DistillConfig
 
 BALANCE = {"paper": 1e-2, "joint": 0.05}  # the load-balance weight each schedule defaults to
 
@@ -46,7 +46,8 @@ class MoEConfig(StrictConfig):
                 raise ValueError("schedule paper trains the shared expert first: shared_segments must be >= 1")
             for name in ("recover", "shared_recover"):
                 phase = getattr(self, name)
-                if phase is not None and phase.trainable != ["*"]:
+                # (td_lora is refused for moe with its own message, at the recipe)
+                if phase is not None and phase.trainable not in (["*"], [TD_LORA]):
                     raise ValueError(f"{name}.trainable: schedule paper sets what each phase trains "
                                      f"(use schedule: joint to choose)")
             if self.shared_recover is not None and self.recover is None:

@@ -57,7 +57,11 @@ def dense_ffn_at(model: nn.Module, path: str, fused: bool = False) -> DenseFFN:
             raise UnsupportedModelError(f"{path}: a fused MLP converts from proj_mlp -> GELU -> proj_out columns; "
                                         f"found {type(up).__name__} / {type(act).__name__} / {type(out).__name__}")
         return DenseFFN(path, up, out.weight[:, up.in_features:], out.bias, act.approximate, (act, "output"), True)
-    ff = model.get_submodule(path)
+    return feedforward(model.get_submodule(path), path)
+
+
+def feedforward(ff: nn.Module, path: str = "ff") -> DenseFFN:
+    """A diffusers GELU FeedForward module as a DenseFFN."""
     act = getattr(ff, "net", [None])[0]
     if not (isinstance(getattr(act, "proj", None), nn.Linear) and hasattr(act, "approximate")
             and isinstance(ff.net[2], nn.Linear)):
