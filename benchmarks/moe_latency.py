@@ -29,7 +29,7 @@ from _provenance import stamp, with_header
 
 from dit_compress.timing import paired_latency
 from dit_compress.export.onnx import ort_session
-from dit_compress.stages.moe.convert import build_moe, replace_module_
+from dit_compress.stages.moe.convert import build_moe, feedforward, replace_module_
 
 WIDTH, SEGMENTS, SHARED, TOP_K = 1152, 8, 1, 2
 
@@ -44,7 +44,7 @@ def contiguous_split(hidden: int) -> dict:
 
 def to_moe(ff: torch.nn.Module) -> torch.nn.Module:
     torch.manual_seed(1)
-    moe = build_moe(ff, contiguous_split(ff.net[0].proj.out_features), TOP_K)
+    moe = build_moe(feedforward(ff), contiguous_split(ff.net[0].proj.out_features), TOP_K)
     torch.nn.init.normal_(moe.router.weight, std=0.02)
     return moe.eval()
 

@@ -244,6 +244,7 @@ def prune(ctx: click.Context, model: str, out: Path, analyse_only: bool, **param
 @config_option("--shared-segments", section="moe", path="shared_segments",
                help="Parts that form the always-on shared expert (the most important neurons).")
 @config_option("--top-k", section="moe", path="top_k", help="Routed experts run per token.")
+@config_option("--schedule", section="moe", path="schedule")
 @config_option("--balance-weight", section="moe", path="balance_weight")
 @config_option("--steps", section="moe", path="recover.steps", help="Distillation steps.")
 @one_off_options

@@ -24,16 +24,17 @@ def _split(family):
 
 def test_experts_partition_the_dense_ffn_exactly():
     """With every expert chosen at gate 1 (zero router), the MoE layer is the dense FFN."""
-    _, ffns, stats = _split("dit")
-    path, ff = next(iter(ffns.items()))
+    m, ffns, stats = _split("dit")
+    path, ffn = next(iter(ffns.items()))
     split = split_neurons(stats[path], segments=4, shared_segments=1)
     neurons = split["shared"] + [n for e in split["experts"] for n in e]
-    assert sorted(neurons) == list(range(ff.net[0].proj.out_features)), "every neuron in exactly one expert"
+    assert sorted(neurons) == list(range(ffn.up.out_features)), "every neuron in exactly one expert"
     scores = stats[path]["score"]
     assert scores[split["shared"]].min() >= scores[[n for e in split["experts"] for n in e]].max()
-    moe = build_moe(ff, split, top_k=len(split["experts"]))
+    moe = build_moe(ffn, split, top_k=len(split["experts"]))
     torch.nn.init.zeros_(moe.router.weight), torch.nn.init.zeros_(moe.router.bias)
-    x = torch.randn(3, 5, ff.net[0].proj.in_features)
+    ff = m.model.get_submodule(path)
+    x = torch.randn(3, 5, ffn.up.in_features)
     with torch.no_grad():
         assert torch.allclose(moe(x), ff(x), atol=1e-5)
 

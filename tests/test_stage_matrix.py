@@ -92,6 +92,7 @@ def _ppcl(teacher, student, summary, folder, onnx_path):
 def _moe(teacher, student, summary, folder, onnx_path):
     s = summary["summary"]
     assert s["activation"]["ffn_activated_ratio"] < 0.55  # 2 of 4 segments plus the router
+    assert s["activation"]["ffns_converted"] == s["activation"]["ffns"], "every FFN converts (Flux single blocks too)"
     assert all(abs(sum(v) - 1) < 1e-3 for v in s["expert_load"].values())
     ops = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
     assert {"TopK", "ScatterElements"} <= ops, "the graph must gather tokens per expert, not run experts densely"

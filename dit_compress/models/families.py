@@ -339,6 +339,9 @@ class FamilyAdapter(ABC):
 
     def _ffns(self, kind: str, block: nn.Module, prefix: str) -> list[FFNView | None]:
         if kind == SINGLE_BLOCK:  # proj_out reads [attention output, MLP hidden]
+            if not isinstance(block.proj_mlp, nn.Linear):  # the MLP made an FFN of its own (a mixture of experts)
+                path = f"{prefix}.proj_mlp"
+                return [FFNView(path, "mlp", BOTH, "replaced", path, path, 0)]
             dim, hidden = block.proj_mlp.in_features, block.proj_mlp.out_features
             return [FFNView(prefix, "mlp", BOTH, "fused", f"{prefix}.proj_mlp", f"{prefix}.proj_out", hidden,
                             (dim, dim + hidden))]

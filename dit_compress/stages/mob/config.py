@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ...config import StrictConfig
@@ -13,7 +15,15 @@ class MoBConfig(StrictConfig):
 
     group_size: int = Field(4, ge=2)
     active: int = Field(3, ge=1)
-    # MoB optimisation: output + group feature loss (hidden state at every group's end).
+    router: Literal["adaln", "hidden"] = Field(
+        "adaln", description="adaln: the paper's router on hidden state, condition and AdaLN embedding; "
+                             "hidden: on the hidden state's mean and spread over tokens")
+    alpha: float = Field(0.5, ge=0, le=1, description="adaln router: weight of [hidden, condition] against "
+                                                      "the AdaLN embedding")
+    loss: Literal["group", "output+group"] = Field(
+        "group", description="group: the group feature loss alone (the paper's); output+group: plus output MSE")
+    # The group feature loss: the hidden state at every group's end (loss group: alone, weight 1;
+    # output+group: weighted by recover.feature_weight against the output MSE).
     recover: DistillConfig = Field(default_factory=lambda: DistillConfig(steps=600, feature_weight=1.0))
 
     @model_validator(mode="after")

@@ -1,10 +1,12 @@
 """The `mob` stage: Mixture of Blocks, per sample (and so per timestep) only some blocks run.
 
-Plan: the routed blocks of the first block list (protected blocks always run) in groups, and
-each router's initial bias, the blocks' Block Influence on calibration data (`Plan.init`), so
-that before training every group keeps its most influential blocks. Build: the routers and
-routed blocks (`blocks.py`). Phase: distillation with the group feature loss (the hidden
-state at every group's end). Finish: how often each routed block ran, overall and by noise level.
+Plan: the routed blocks of the first block list (protected blocks always run) in groups, the
+router's inputs (the AdaLN embedding module and the widths of hidden state, condition and
+embedding), and each router's initial bias, the blocks' Block Influence on calibration data
+(`Plan.init`), so that before training every group keeps its most influential blocks. Build: the
+routers and routed blocks (`blocks.py`). Phase: the paper's third stage, distillation on the group
+feature loss (the hidden state at every group's end; `loss: output+group` adds output MSE).
+Finish: how often each routed block ran, overall and by noise level.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import torch.nn as nn
 
 from ...core.stage import Phase, Plan, Stage, StageContext, seed_of, seeded
 from ...data.calibration import CalibrationSet
+from ...errors import UnsupportedModelError
 from ...models.families import FamilyAdapter
 from ...probes.boundaries import block_influence, hidden_width
+from ...probes.capture import Capture
+from ...train.distill import OutputFeatureObjective
 from .blocks import MixtureOfBlocks
 from .config import MoBConfig
 
@@ -48,6 +53,44 @@ def block_activation(model: nn.Module, mob: MixtureOfBlocks, adapter: FamilyAdap
     return overall, by_noise
 
 
+class GroupFeatureObjective(OutputFeatureObjective):
+    """The paper's third stage: the teacher-normalised MSE of the hidden state at every group's end,
+    alone (so its weight is 1); the output MSE is measured and reported, not trained on."""
+
+    def __init__(self, adapter: FamilyAdapter, layer_map: list[tuple[str, str]]):
+        super().__init__(adapter, layer_map, feature_weight=1.0)
+
+    def describe(self):
+        return f"group features only; {super().describe()}"
+
+    def loss(self, step, batch, teacher, student):
+        _, out_loss = self.predictions(batch, teacher, student)
+        return self.feature_loss(), out_loss
+
+
+def router_inputs(model: nn.Module, adapter: FamilyAdapter, attr: str, first: int) -> dict:
+    """What the adaln router reads at block `first` of `attr`: the AdaLN embedding module (the
+    family's first timestep / condition embedding, which must run before the block), its width,
+    and the width of the condition tokens the block receives (0: none, e.g. class-conditional DiT)."""
+    embedding = adapter.layout(model).embedding[0]
+    order, values = [], {}
+
+    def keep(name, value):
+        order.append(name)
+        values.setdefault(name, value)
+    with Capture({"embedding": model.get_submodule(embedding)}, at="output", on=keep), \
+            Capture({"block": getattr(model, attr)[first]}, at="call", on=keep), torch.no_grad():
+        adapter.denoise(model, *adapter.example_inputs(2))
+    y = values.get("embedding")
+    if not (torch.is_tensor(y) and y.dim() == 2 and "block" in order
+            and order.index("embedding") < order.index("block")):
+        raise UnsupportedModelError(f"{adapter.family}: {embedding} gives no per-sample embedding before block "
+                                    f"{attr}.{first}; use router: hidden")
+    context = values["block"][1].get("encoder_hidden_states")
+    return {"embedding": embedding, "embedding_dim": int(y.shape[-1]),
+            "context_dim": int(context.shape[-1]) if torch.is_tensor(context) else 0}
+
+
 def _activated(module: nn.Module) -> int:
     """Parameters one token activates in a module (sparse layers, such as MoE FFNs, count their
     `activated_parameters()`)."""
@@ -71,14 +114,21 @@ class MoBStage(Stage):
         routed = [i for i in range(len(blocks)) if i not in protected]
         influence = block_influence(model, adapter, calibration, batches=2)[:len(blocks)]
         choices = {"attr": group.attr, "routed": routed, "group_size": config.group_size, "active": config.active,
-                   "dim": hidden_width(model, adapter)}
-        init = {f"{ROUTERS}.routers.{k}.proj.bias": torch.tensor([influence[i] for i in members])
+                   "dim": hidden_width(model, adapter), "router": config.router}
+        if config.router == "adaln":
+            choices.update(router_inputs(model, adapter, group.attr, routed[0]), alpha=config.alpha)
+        bias = "proj.bias" if config.router == "hidden" else "bias"
+        init = {f"{ROUTERS}.routers.{k}.{bias}": torch.tensor([influence[i] for i in members])
                 for k, members in enumerate(_groups(choices))}
         return Plan(choices, init, {"block_influence": [round(v, 6) for v in influence]})
 
     def build(self, model, adapter, config: MoBConfig, plan: Plan):
+        router = plan.get("router", "hidden")  # plans recorded before the adaln router used the hidden one
         with seeded(seed_of(self.name, plan["routed"])):  # the routers' fresh init (the bias is replaced)
-            mob = MixtureOfBlocks(plan["dim"], plan["routed"], plan["group_size"], plan["active"])
+            mob = MixtureOfBlocks(plan["dim"], plan["routed"], plan["group_size"], plan["active"], router,
+                                  plan.get("context_dim", 0), plan.get("embedding_dim", 0), plan.get("alpha", 0.5))
+        if router == "adaln":  # the embedding module, before wrapping moves the blocks that hold it
+            mob.tap_(model.get_submodule(plan["embedding"]))
         model.add_module(ROUTERS, mob)
         mob.wrap_(getattr(model, plan["attr"]))
         with torch.no_grad():
@@ -89,7 +139,11 @@ class MoBStage(Stage):
 
     def phases(self, config: MoBConfig, plan: Plan, adapter) -> list[Phase]:
         ends = [f"{plan['attr']}.{g[-1]}" for g in _groups(plan.choices)]
-        return [Phase("distill", config.recover, layer_map=list(zip(ends, ends)))]
+        pairs = list(zip(ends, ends))
+        if config.loss == "output+group":
+            return [Phase("distill", config.recover, layer_map=pairs)]
+        return [Phase("distill", config.recover, lambda teacher_adapter, student: GroupFeatureObjective(
+            teacher_adapter, pairs))]
 
     def finish(self, model, adapter, ctx, config, plan):
         mob = getattr(model, ROUTERS)

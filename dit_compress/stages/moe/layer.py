@@ -17,6 +17,9 @@ run, on two execution paths that compute the same function:
   H200 (FFN 1.149 vs 0.929 ms, SD3-medium 82.2 vs 72.7 ms; benchmarks/results/moe-gpu.md).
   It trains too (grouped_mm has a backward).
 
+`shared_only` (set while the paper's first training stage runs, never saved) runs the shared
+expert alone.
+
 Gates are top_k * softmax over the chosen logits, so with similar logits every chosen
 expert gets weight ~1 and the sum of all experts reproduces the dense FFN exactly.
 """
@@ -90,6 +93,7 @@ class MoEFeedForward(nn.Module):
         self.down_weight = nn.Parameter(torch.zeros(experts, expert_size, dim))
         self.router = nn.Linear(dim, experts)
         self.track = False  # training / analysis: keep router statistics of the last call
+        self.shared_only = False  # the paper's first training stage: the shared expert alone runs
         self.last_probs: torch.Tensor | None = None
         self.last_counts: torch.Tensor | None = None
 
@@ -114,6 +118,8 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        if self.shared_only:
+            return self.shared_down(F.gelu(self.shared_up(x), approximate=self.approximate)).reshape(shape)
         path = self._forward_grouped if takes_grouped_path(x, self.up_weight) else self._forward_reference
         return path(x).reshape(shape)
 

@@ -2,9 +2,13 @@
 
 Plan: Taylor scores on calibration data split each FFN's neurons into a shared expert and
 routed experts (the neuron indices are the plan), and a router fitted by ridge regression is
-its initial value (`Plan.init`). Build: the MoE layers holding exactly the dense weights.
-Phase: distillation from the teacher (output MSE, teacher-normalised block-output matching
-and a load-balancing loss on every router). Finish: the expert load on calibration inputs.
+its initial value (`Plan.init`). Every FFN converts, Flux single blocks' fused MLPs included
+(`fused.py`). Build: the MoE layers holding exactly the dense weights.
+Phases (schedule `paper`, the default): "shared", the shared experts alone run and train
+(output MSE + block features); "experts", the shared experts frozen, routed experts and routers
+train (output MSE + block features + load balance, 0.01). Schedule `joint`: one phase, every
+parameter, load balance 0.05. Finish: the expert load, and activated parameters counted over
+every FFN of the model, converted or not.
 The result keeps every parameter (capacity) but runs only shared + top_k experts per token.
 """
 
@@ -20,10 +24,14 @@ from ...data.calibration import CalibrationSet
 from ...models.families import FamilyAdapter
 from ...train.distill import OutputFeatureObjective
 from .config import MoEConfig
-from .convert import build_moe, dense_ffns, record_ffns, replace_module_, split_neurons
+from .convert import build_moe, dense_ffn_at, dense_ffns, ffn_parameters, record_ffns, replace_module_, split_neurons
+from .fused import separate_mlp_
 from .layer import MoEFeedForward
 
 log = logging.getLogger("dit_compress")
+
+SHARED = ("shared_up.weight", "shared_up.bias", "shared_down.weight", "shared_down.bias")
+ROUTED = ("up_weight", "up_bias", "down_weight", "router.weight", "router.bias")
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoEFeedForward]:
@@ -58,6 +66,24 @@ class MoEObjective(OutputFeatureObjective):
             m.track = False
 
 
+class SharedExpertObjective(OutputFeatureObjective):
+    """The paper's first stage: output + block-feature distillation with only the shared experts running."""
+
+    def describe(self):
+        return f"shared experts only; {super().describe()}"
+
+    def attach(self, teacher, student):
+        super().attach(teacher, student)
+        self.layers = list(moe_layers(student).values())
+        for m in self.layers:
+            m.shared_only = True
+
+    def close(self):
+        super().close()
+        for m in self.layers:
+            m.shared_only = False
+
+
 @torch.no_grad()
 def expert_load(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet, batches: int = 8,
                 batch_size: int = 64) -> dict[str, list[float]]:
@@ -78,15 +104,19 @@ def expert_load(model: nn.Module, adapter: FamilyAdapter, calib: CalibrationSet,
     return {n: [round(v, 5) for v in (c / c.sum()).tolist()] for n, c in counts.items()}
 
 
-def activation_stats(model: nn.Module, dense_ffn_params: int) -> dict:
-    """Parameters that exist vs parameters one token activates (whole model and FFNs)."""
+def activation_stats(model: nn.Module, notes: dict) -> dict:
+    """Parameters that exist vs parameters one token activates: the whole model, and every FFN of it
+    (the FFNs this stage left dense count in full)."""
     layers = moe_layers(model).values()
     total = sum(p.numel() for p in model.parameters())
-    ffn_total = sum(sum(p.numel() for p in m.parameters()) for m in layers)
-    ffn_active = sum(m.activated_parameters() for m in layers)
-    return {"parameters": total, "activated_parameters": int(total - ffn_total + ffn_active),
-            "ffn_dense_parameters": dense_ffn_params, "ffn_activated_parameters": ffn_active,
-            "ffn_activated_ratio": round(ffn_active / dense_ffn_params, 4)}
+    moe_total = sum(sum(p.numel() for p in m.parameters()) for m in layers)
+    moe_active = sum(m.activated_parameters() for m in layers)
+    ffn_active = moe_active + notes["ffn_unconverted_parameters"]
+    active = total - moe_total + moe_active
+    return {"parameters": total, "activated_parameters": int(active), "activated_ratio": round(active / total, 4),
+            "ffn_dense_parameters": notes["ffn_dense_parameters"], "ffn_activated_parameters": ffn_active,
+            "ffn_activated_ratio": round(ffn_active / notes["ffn_dense_parameters"], 4),
+            "ffns": notes["ffns"], "ffns_converted": notes["ffns_converted"]}
 
 
 def _block_pairs(adapter: FamilyAdapter, model: nn.Module) -> list[tuple[str, str]]:
@@ -104,21 +134,29 @@ class MoEStage(Stage):
 
     def plan(self, model, adapter, calibration, config: MoEConfig, ctx: StageContext) -> Plan:
         ffns = dense_ffns(model, adapter, config.targets)
-        log.info("moe: Taylor scores and router fit on %d FFNs", len(ffns))
+        counts = ffn_parameters(model, adapter)  # every FFN, before conversion
+        log.info("moe: Taylor scores and router fit on %d of %d FFNs", len(ffns), len(counts))
         stats = record_ffns(model, adapter, calibration, ffns, batches=config.taylor_batches)
         splits, init = {}, {}
-        for path, ff in ffns.items():
+        for path, ffn in ffns.items():
             split = split_neurons(stats[path], config.segments, config.shared_segments)
-            splits[path] = {**split, "top_k": config.top_k}
-            router = build_moe(ff, split, config.top_k, stats[path]).router  # the fitted initial router
+            splits[path] = {**split, "top_k": config.top_k, **({"fused": True} if ffn.fused else {})}
+            router = build_moe(ffn, split, config.top_k, stats[path]).router  # the fitted initial router
             init[f"{path}.router.weight"], init[f"{path}.router.bias"] = router.weight.detach(), router.bias.detach()
-        dense = sum(sum(p.numel() for p in ff.parameters()) for ff in ffns.values())
-        return Plan({"moe": splits}, init, {"ffn_dense_parameters": dense})
+        notes = {"ffn_dense_parameters": sum(total for total, _ in counts.values()),
+                 "ffn_unconverted_parameters": sum(active for path, (_, active) in counts.items() if path not in ffns),
+                 "ffns": len(counts), "ffns_converted": len(ffns)}
+        return Plan({"moe": splits}, init, notes)
 
     def build(self, model, adapter, config: MoEConfig, plan: Plan):
         with seeded(seed_of(self.name, sorted(plan["moe"]))):  # the router's fresh init, replaced below
             for path, split in plan["moe"].items():
-                replace_module_(model, path, build_moe(model.get_submodule(path), split, split["top_k"]))
+                fused = split.get("fused", False)
+                moe = build_moe(dense_ffn_at(model, path, fused), split, split["top_k"])
+                if fused:  # a Flux single block: proj_out keeps only the attention columns
+                    separate_mlp_(model.get_submodule(path.rpartition(".")[0]), moe)
+                else:
+                    replace_module_(model, path, moe)
         if plan.init:
             with torch.no_grad():
                 for name, p in model.named_parameters():
@@ -134,21 +172,34 @@ class MoEStage(Stage):
     def phases(self, config: MoEConfig, plan: Plan, adapter) -> list[Phase]:
         if config.recover is None:
             return []
-        return [Phase("distill", config.recover, lambda teacher_adapter, student: MoEObjective(
-            teacher_adapter, _block_pairs(teacher_adapter, student), config.recover.feature_weight,
-            config.balance_weight))]
+        recover, balance = config.recover, config.balance
+
+        def experts(teacher_adapter, student):
+            return MoEObjective(teacher_adapter, _block_pairs(teacher_adapter, student), recover.feature_weight,
+                                balance)
+        if config.schedule == "joint":
+            return [Phase("distill", recover, experts)]
+        first = config.shared_recover or recover
+
+        def shared(teacher_adapter, student):
+            return SharedExpertObjective(teacher_adapter, _block_pairs(teacher_adapter, student),
+                                         first.feature_weight)
+        paths = list(plan["moe"])
+        return [Phase("shared", first, shared, trainable=[f"{p}.{n}" for p in paths for n in SHARED]),
+                Phase("experts", recover, experts, trainable=[f"{p}.{n}" for p in paths for n in ROUTED])]
 
     def finish(self, model, adapter, ctx, config, plan):
         load = expert_load(model, adapter, ctx.calibration)
         return model, plan.choices, {
-            "activation": activation_stats(model, plan.notes["ffn_dense_parameters"]),
+            "activation": activation_stats(model, plan.notes),
             "expert_load": load,
             "max_load_over_fair": round(max(max(v) * len(v) for v in load.values()), 4)}
 
     def summary(self, config, plan, stats):
         moe = {path: {"shared": len(s["shared"]), "experts": len(s["experts"]), "expert_size": len(s["experts"][0]),
                       "top_k": s["top_k"]} for path, s in plan["moe"].items()}
-        return {"moe": moe, **{k: v for k, v in stats.items() if k != "ffn_dense_parameters"}}
+        notes = ("ffn_dense_parameters", "ffn_unconverted_parameters", "ffns", "ffns_converted")
+        return {"moe": moe, **{k: v for k, v in stats.items() if k not in notes}}
 
     def layer_map(self, plan):
         return []  # same block structure as the teacher: the stage matches blocks itself
@@ -184,9 +235,11 @@ class MoEStage(Stage):
     def report_lines(self, summary, pictures):
         act = summary["activation"]
         return ["", "## Mixture of experts (moe)", "",
-                f"{len(summary['moe'])} FFNs converted; per token {act['ffn_activated_parameters']:,} of "
-                f"{act['ffn_dense_parameters']:,} dense FFN parameters run (**{act['ffn_activated_ratio']}**); "
-                f"whole model: {act['activated_parameters']:,} activated of {act['parameters']:,}. Relative output "
+                f"{act['ffns_converted']} of the model's {act['ffns']} FFNs converted; per token "
+                f"{act['ffn_activated_parameters']:,} of {act['ffn_dense_parameters']:,} FFN parameters run, every "
+                f"FFN counted, converted or not (**{act['ffn_activated_ratio']}**); whole model: "
+                f"{act['activated_parameters']:,} activated of {act['parameters']:,} "
+                f"(**{act['activated_ratio']}**). Relative output "
                 f"error right after conversion, before distillation: {summary['conversion_error']}. Busiest "
                 f"expert: {summary['max_load_over_fair']}x its fair share of tokens on calibration inputs.", "",
                 *([f"![expert load]({pictures['expert_load']})"] if "expert_load" in pictures else [])]
