@@ -6,7 +6,8 @@ and nothing is left behind in the folder.
 
 Derandomized, so CI runs the same cases every time. Cases per format (CASES below): recipe 150,
 report 150, gate file 150, adapter config 150, codec file 200 (+ 25 decoded end to end),
-deployment card 150, resume state 100: 1075 in all.
+deployment card 150, resume state 100, manifest 100 (each also loaded as a whole checkpoint):
+1175 in all.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dit_compress.fileio import nesting_depth
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {"recipe": 150, "report": 150, "gate": 150, "adapter": 150, "codec": 200, "codec_decode": 25,
-         "card": 150, "resume": 100}
+         "card": 150, "resume": 100, "manifest": 100}
 ALLOC_FACTOR, ALLOC_SLACK = 64, 4 * 2 ** 20  # peak traced bytes <= 64 x the file + 4 MiB
 
 
@@ -407,3 +408,47 @@ def test_resume_state_mutations(resume):
         (Path(tmp) / "state.json").write_text(json.dumps({**state, "step": "10"}))
         with pytest.raises(CheckpointError, match=r"step: Input should be a valid integer.*restart"):
             load(Path(tmp) / "state.json")
+
+
+# -- manifest (compressed checkpoints) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    """A depth-pruned tiny DiT saved as a compressed checkpoint, and its manifest."""
+    from dit_compress.core.manifest import StageRecord, base_reference, save_compressed
+    from dit_compress.stages.prune.depth import remove_blocks_
+
+    teacher = tiny_loaded("dit")
+    model = copy.deepcopy(teacher.model)
+    remove_blocks_(model, teacher.adapter, [1])
+    folder = save_compressed(Path(tempfile.mkdtemp()) / "ckpt", model, base_reference(teacher, {"latent_size": LATENT}),
+                             [StageRecord("prune", {"method": "depth", "remove": [1]},
+                                          {"removed": [1], "student_blocks": [], "teacher_targets": []})])
+    return folder, json.loads((folder / "manifest.json").read_text())
+
+
+def test_manifest_mutations(checkpoint):
+    from dit_compress.core.manifest import load_compressed, read_manifest_file
+
+    folder, manifest = checkpoint
+
+    @_profile(CASES["manifest"])
+    @given(mutated(manifest, _json))
+    def run(data):
+        # reading and validating: bounded, one error type
+        _bounded_read(read_manifest_file, data, "manifest.json", CheckpointError)
+        # the whole load of a checkpoint with that manifest: success or the same error, nothing else
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / "ckpt"
+            ckpt.mkdir()
+            (ckpt / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+            (ckpt / "manifest.json").write_bytes(data)
+            try:
+                loaded = load_compressed(ckpt)
+            except CheckpointError:
+                return
+            x = loaded.adapter.example_inputs(1, seed=0)
+            with torch.no_grad():
+                assert torch.isfinite(loaded.adapter.denoise(loaded.model, *x)).all()
+
+    run()
