@@ -163,9 +163,7 @@ def test_mob_router_reads_the_adaln_embedding(router, tmp_path):
 
 
 def _restores_and_exports(teacher, model, cfg, plan, tmp_path):
-    """Save -> restore (same routing, outputs equal to float rounding: a block that runs on one sample
-    takes a small-batch kernel whose result depends on the weights' memory alignment, which differs
-    for weights restored from safetensors) and ONNX parity."""
+    """Save -> restore (same routing, identical outputs) and ONNX parity."""
     from dit_compress.core.manifest import StageRecord, base_reference, load_compressed, save_compressed
     from dit_compress.export.onnx import export_onnx
 
@@ -178,6 +176,6 @@ def _restores_and_exports(teacher, model, cfg, plan, tmp_path):
         choice = model.mob.choices()
         after = restored.adapter.denoise(restored.model, *inputs)
     assert not (choice.all(0) | ~choice.any(0)).all(), "routing must differ between samples"
-    assert torch.equal(choice, restored.model.mob.choices()) and torch.allclose(before, after, atol=1e-5)
+    assert torch.equal(choice, restored.model.mob.choices()) and torch.equal(before, after)
     info = export_onnx(restored.model, restored.adapter, tmp_path / "mob.onnx", batch=4, atol=1e-4)
     assert info["parity"]["max_abs_error"] <= 1e-4

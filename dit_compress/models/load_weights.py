@@ -16,7 +16,9 @@ def load_weights_(model: nn.Module, path: Path, against: str, assign: bool = Fal
     from safetensors.torch import load_file
 
     try:
-        state = load_file(str(path))
+        # Copied into fresh allocations: the file's tensors may sit at any alignment, and some CPU
+        # kernels (small batches) round differently on unaligned weights, so outputs would drift by 1e-7.
+        state = {k: v.clone() for k, v in load_file(str(path)).items()}
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as e:
