@@ -11,6 +11,7 @@ before the document is built.
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import os
 import re
@@ -253,3 +254,26 @@ def atomic_folder(dest: str | Path) -> Iterator[Path]:
         dest.rename(old)
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure written atomically as PNG (complete or absent)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return write_atomic(path, buf.getvalue())
+
+
+def save_image(image, path: str | Path) -> Path:
+    """A PIL image written atomically as PNG."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return write_atomic(path, buf.getvalue())
+
+
+def save_array(array, path: str | Path) -> Path:
+    """A numpy array written atomically as .npy."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return write_atomic(path, buf.getvalue())

@@ -18,6 +18,7 @@ import torch
 
 from ..evaluate.metrics import psnr_ssim
 from .files import compress, decompress
+from ..fileio import save_figure
 from .model import DiTCodec
 from .train import photo
 
@@ -131,7 +132,7 @@ def plot_rd(path: Path, curves: dict[str, list[dict]]) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"held-out grayscale photos: {', '.join(HELDOUT)}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

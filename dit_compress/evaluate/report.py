@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import save_figure, write_atomic
+
 
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -63,7 +65,7 @@ def save_grid(path: Path, teacher: torch.Tensor, student: torch.Tensor, labels: 
     condition = "prompt" if prompts is not None else "label" if labels is not None else "condition"
     fig.suptitle(f"same noise and {condition}: teacher (upper) vs student (lower row of each pair)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -100,7 +102,7 @@ def save_curves(path: Path, report: dict) -> None:
     if b.lines:
         b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -182,7 +184,7 @@ def write_markdown(path: Path, report: dict) -> None:
                      f"summary: {json.dumps({k: v for k, v in st['summary'].items() if k not in _BULKY})}"
                      + (f"; recovery {rec.get('steps')} steps in {rec.get('seconds')} s, final output MSE "
                         f"{rec.get('final_output_mse')}" if rec else ""))
-    path.write_text("\n".join(line for line in lines) + "\n")
+    write_atomic(path, "\n".join(line for line in lines) + "\n")
 
 
 def _accuracy(q: dict):
@@ -294,5 +296,5 @@ def save_image_rows(path: Path, rows: list[tuple[str, torch.Tensor]], title: str
                 ax.set_title(label, fontsize=7, loc="left")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

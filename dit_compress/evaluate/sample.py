@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..fileio import read_bytes
+from ..fileio import read_bytes, save_array, save_image
 from ..export.artifact import load_artifact
 from ..sampling import NoiseSchedule, sample_batched
 from .metrics import psnr_ssim
@@ -123,7 +123,7 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 10, labels:
         if labels:
             x = col * cell_w + (cell_w - draw.textlength(labels[i], font=font)) / 2
             draw.text((x, r * cell_h + h * scale + 1), labels[i], fill=255 if c == 1 else (255, 255, 255), font=font)
-    grid.save(path)
+    save_image(grid, path)
 
 
 def sample_artifact(artifact: Path, out: Path, labels: str | None = None, num: int = 20,
@@ -142,7 +142,7 @@ def sample_artifact(artifact: Path, out: Path, labels: str | None = None, num: i
                             desc=f"sampling {Path(artifact).name}")
     result = {"num": n, "steps": steps, "guidance": guidance, "seconds": time.time() - start}
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out.with_suffix(".npy"), images.numpy())
+    save_array(images.numpy(), out.with_suffix(".npy"))
     # Latents of a non-pixel card are no picture: only the .npy is written, and said so.
     result["written"] = [str(out.with_suffix(".npy"))]
     if card.get("pixel_space"):

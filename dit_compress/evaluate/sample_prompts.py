@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..core.manifest import MANIFEST, PIPELINE, load_any, read_manifest
 from ..errors import CheckpointError, RecipeError
+from ..fileio import save_array, save_image
 from ..export.artifact import load_artifact
 from ..models.families import adapter_for_pipeline
 from ..models.load import ZOO_PREFIX, resolve_source
@@ -142,7 +142,7 @@ def sample_prompts(artifact: Path, out: Path, prompts: list[str], pipeline: str 
         result["max_abs_diff_vs_reference"] = float((ref_images - images).abs().max())
         rows, labels = [images, ref_images], ["ONNX", "PyTorch"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out.with_suffix(".npy"), images.numpy())
+    save_array(images.numpy(), out.with_suffix(".npy"))
     save_prompt_grid(rows, prompts, out, labels)
     result["written"] = [str(out), str(out.with_suffix(".npy"))]
     return result
@@ -175,7 +175,7 @@ def save_prompt_grid(rows: list[torch.Tensor], prompts: list[str], path: Path,
         for r, label in enumerate(row_labels):
             draw.text((2, b * block_h + r * pitch_h + (cell_h - LINE_H) // 2), label, fill=(255, 255, 255),
                       font=font)
-    grid.save(path)
+    save_image(grid, path)
 
 
 def wrap_caption(text: str, width: float, draw, font, lines: int = CAPTION_LINES) -> list[str]:

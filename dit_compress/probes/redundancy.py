@@ -28,6 +28,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data.calibration import CalibrationSet
+from ..fileio import save_figure
 from ..models.families import FamilyAdapter
 from .boundaries import boundary_states
 
@@ -172,5 +173,5 @@ def plot_analysis(analysis: RedundancyAnalysis | dict, path: Path, chosen: list[
     c3.set_xlabel("boundary")
     fig.colorbar(im, ax=c3, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

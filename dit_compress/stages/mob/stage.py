@@ -21,6 +21,7 @@ from ...models.families import FamilyAdapter
 from ...probes.boundaries import block_influence, hidden_width
 from ...probes.capture import Capture
 from ...train.distill import OutputFeatureObjective
+from ...fileio import save_figure
 from .blocks import MixtureOfBlocks
 from .config import MoBConfig
 
@@ -184,7 +185,7 @@ class MoBStage(Stage):
         ax.legend(fontsize=7, ncol=3)
         fig.tight_layout()
         name = f"block-activation-{prefix}.png"
-        fig.savefig(out / name, dpi=110)
+        save_figure(fig, out / name)
         plt.close(fig)
         return {"block_activation": name}
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ...core.stage import Phase, Plan, Stage, StageContext, seed_of, seeded
 from ...data.calibration import CalibrationSet
+from ...fileio import save_figure
 from ...models.families import FamilyAdapter
 from ...train.distill import OutputFeatureObjective
 from .config import MoEConfig
@@ -228,7 +229,7 @@ class MoEStage(Stage):
         b.legend(fontsize=7)
         fig.tight_layout()
         name = f"expert-load-{prefix}.png"
-        fig.savefig(out / name, dpi=110)
+        save_figure(fig, out / name)
         plt.close(fig)
         return {"expert_load": name}
 

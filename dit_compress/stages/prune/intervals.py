@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ...errors import RecipeError
+from ...fileio import save_figure
 from ...probes.redundancy import linear_cka
 
 
@@ -264,5 +265,5 @@ def plot_search(curves: ProxyCurves, chosen: list[list[int]], turn: float, names
     c3.set_title("intervals collapsed (most redundant first: darker)", fontsize=9)
     c3.set_xlabel("block")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
