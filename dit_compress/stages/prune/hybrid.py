@@ -28,9 +28,7 @@ programme), the initialisation (the run's first block), what trains (every block
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -39,8 +37,8 @@ from ...errors import RecipeError
 from ...models.families import FamilyAdapter
 from ...train.distill import Objective, normalised_mse
 from ...probes.redundancy import probe_r2
-from .depth import remove_blocks_
 from .intervals import Interval, plan_removal, plan_to_json, streams
+from .student import IntervalStudent, record_blocks
 
 
 def interval_costs(states: Sequence[torch.Tensor], groups: list[str], protected: set[int], max_len: int,
@@ -78,45 +76,15 @@ def make_plans(states: Sequence[torch.Tensor], groups: list[str], protected: set
     return plans, costs
 
 
-class PluggableSupernet(nn.Module):
+class PluggableSupernet(IntervalStudent):
     """A student holding a copy of every teacher block plus one replacement per planned run."""
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, plans: list[list[Interval]]):
-        super().__init__()
-        self.model, self.adapter = model, adapter
+        super().__init__(model, adapter, sorted({iv for plan in plans for iv in plan}, key=lambda iv: (iv.first, iv.last)))
         self.plans = plans
-        self.intervals = sorted({iv for plan in plans for iv in plan}, key=lambda iv: (iv.first, iv.last))
-        blocks = self.blocks()
-        self.replacements = nn.ModuleDict({iv.key: copy.deepcopy(blocks[iv.anchor]) for iv in self.intervals})
         # Blocks that some ratio keeps; the others only ever serve as anchors' initialisation.
-        self.kept_somewhere = [i for i in range(len(blocks))
+        self.kept_somewhere = [i for i in range(len(self.blocks()))
                                if any(all(i not in iv.blocks() for iv in plan) for plan in plans)]
-
-    def blocks(self) -> list[nn.Module]:
-        return [b for _, _, b in self.adapter.blocks(self.model)]
-
-    def _assembly(self, plan: list[Interval]) -> list[tuple[str, nn.Module, int]]:
-        """(block list, module, teacher block where its run ends) of the student of `plan`."""
-        out = []
-        for i, (g, _, block) in enumerate(self.adapter.blocks(self.model)):
-            run = next((iv for iv in plan if i in iv.blocks()), None)
-            if run is None:
-                out.append((g.attr, block, i))
-            elif i == run.anchor:
-                out.append((g.attr, self.replacements[run.key], run.last))
-        return out
-
-    @contextmanager
-    def assembled(self, plan: list[Interval]):
-        """Temporarily swap the model's block lists for the student of `plan`."""
-        originals = {g.attr: getattr(self.model, g.attr) for g in self.adapter.block_groups}
-        try:
-            for attr in originals:
-                setattr(self.model, attr, nn.ModuleList([m for a, m, _ in self._assembly(plan) if a == attr]))
-            yield self.model
-        finally:
-            for attr, blocks in originals.items():
-                setattr(self.model, attr, blocks)
 
     def forward(self, x, t, cond, calls: list[tuple[tuple, dict]], plan_index: int):
         """The assembled student of one plan: its prediction and each block's output with the
@@ -144,17 +112,6 @@ class PluggableSupernet(nn.Module):
         t.update({iv.key: iv.last for iv in self.intervals})
         return t
 
-    def deploy(self, plan: list[Interval], adapter_for) -> tuple[nn.Module, list[int]]:
-        """A standalone model for `plan`: replacements in place, the rest of each run removed."""
-        model = copy.deepcopy(self.model)
-        located = [(g.attr, j) for g, j, _ in self.adapter.blocks(model)]
-        for iv in plan:
-            attr, j = located[iv.anchor]
-            getattr(model, attr)[j] = copy.deepcopy(self.replacements[iv.key])
-        removed = sorted(i for iv in plan for i in iv.blocks() if i != iv.anchor)
-        remove_blocks_(model, adapter_for(model), removed)
-        return model.eval().requires_grad_(False), removed
-
 
 class ContiguousLayerObjective(Objective):
     """For the assembled student of the step's ratio: output MSE + feature_weight x the
@@ -175,19 +132,8 @@ class ContiguousLayerObjective(Objective):
         blocks = [b for _, _, b in self.adapter.blocks(teacher)]
         self.calls: list = [None] * len(blocks)
         self.outs: list = [None] * len(blocks)
-
-        def pre(i):
-            def hook(_m, args, kwargs):
-                self.calls[i] = (args, kwargs)
-            return hook
-
-        def post(i):
-            def hook(_m, _args, output):
-                self.outs[i] = output
-            return hook
-
-        self.handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        self.handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+        everything = range(len(blocks))
+        self.handles = record_blocks(blocks, self.calls, self.outs, everything, everything)
 
     def loss(self, step, batch, teacher, student):
         x, t, cond = batch.x_t, batch.t, batch.cond

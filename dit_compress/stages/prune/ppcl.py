@@ -19,16 +19,13 @@
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 
 from ...models.families import FamilyAdapter
 from ...train.distill import Objective
-from .depth import remove_blocks_
 from .intervals import Interval, streams
+from .student import IntervalStudent, record_blocks
 
 
 def token_normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -39,53 +36,13 @@ def token_normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     return ((s - t) ** 2).sum(-1).mean()
 
 
-class PPCLStudent(nn.Module):
+class PPCLStudent(IntervalStudent):
     """The teacher's blocks (frozen; FFNs chosen for width already linear maps) plus one trainable
     replacement per interval."""
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, intervals: list[Interval], ffn_blocks: list[int]):
-        super().__init__()
-        self.model, self.adapter = model, adapter
-        self.intervals = intervals
+        super().__init__(model, adapter, intervals)
         self.ffn_blocks = ffn_blocks  # global indices of the blocks whose FFN is a linear map
-        blocks = self.blocks()
-        self.replacements = nn.ModuleDict({iv.key: copy.deepcopy(blocks[iv.anchor]) for iv in intervals})
-
-    def blocks(self) -> list[nn.Module]:
-        return [b for _, _, b in self.adapter.blocks(self.model)]
-
-    def trainable_patterns(self, ffn_paths: list[str]) -> list[str]:
-        return ["replacements.*", *[f"model.{p}.*" for p in ffn_paths]]
-
-    @contextmanager
-    def assembled(self, plan: list[Interval]):
-        """Temporarily the student of `plan`: replacements in place, the rest of each interval out."""
-        originals = {g.attr: getattr(self.model, g.attr) for g in self.adapter.block_groups}
-        kept: dict[str, list[nn.Module]] = {a: [] for a in originals}
-        for i, (g, _, block) in enumerate(self.adapter.blocks(self.model)):
-            run = next((iv for iv in plan if i in iv.blocks()), None)
-            if run is None:
-                kept[g.attr].append(block)
-            elif i == run.anchor:
-                kept[g.attr].append(self.replacements[run.key])
-        try:
-            for attr, blocks in kept.items():
-                setattr(self.model, attr, nn.ModuleList(blocks))
-            yield self.model
-        finally:
-            for attr, blocks in originals.items():
-                setattr(self.model, attr, blocks)
-
-    def deploy(self, plan: list[Interval], adapter_for) -> tuple[nn.Module, list[int]]:
-        """A standalone model of `plan`: its replacements in place, the rest of each interval removed."""
-        model = copy.deepcopy(self.model)
-        located = [(g.attr, j) for g, j, _ in self.adapter.blocks(model)]
-        for iv in plan:
-            attr, j = located[iv.anchor]
-            getattr(model, attr)[j] = copy.deepcopy(self.replacements[iv.key])
-        removed = sorted(i for iv in plan for i in iv.blocks() if i != iv.anchor)
-        remove_blocks_(model, adapter_for(model), removed)
-        return model.eval().requires_grad_(False), removed
 
 
 class ContiguousLayerDistillation(Objective):
@@ -106,19 +63,7 @@ class ContiguousLayerDistillation(Objective):
         ends = {iv.last for iv in self.intervals} | set(self.ffn_blocks)
         self.calls: dict[int, tuple] = {}
         self.outs: dict[int, object] = {}
-
-        def pre(i):
-            def hook(_m, args, kwargs):
-                self.calls[i] = (args, kwargs)
-            return hook
-
-        def post(i):
-            def hook(_m, _args, output):
-                self.outs[i] = output
-            return hook
-
-        self.handles = [blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True) for i in sorted(starts)]
-        self.handles += [blocks[i].register_forward_hook(post(i)) for i in sorted(ends)]
+        self.handles = record_blocks(blocks, self.calls, self.outs, sorted(starts), sorted(ends))
 
     def loss(self, step, batch, teacher, student: PPCLStudent):
         x, t, cond = batch.x_t, batch.t, batch.cond
