@@ -141,8 +141,10 @@ def test_pipeline_out_loads_in_stock_diffusers_and_generates(family, compressed,
     images = generate(pipe, PROMPTS[0])
     side = LATENT * pipe.vae_scale_factor
     assert images.shape == (1, side, side, 3) and np.isfinite(images).all()
-    # The same pictures through dit_compress.load_pipeline; other ones from the teacher's pipeline.
-    assert np.array_equal(images, generate(dit_compress.load_pipeline(run.ckpt), PROMPTS[0]))
+    # The same pictures through dit_compress.load_pipeline (to float rounding: its weights sit in fresh
+    # aligned allocations, from_pretrained's where the file put them, and batch-1 CPU kernels round by
+    # alignment); other ones from the teacher's pipeline.
+    assert np.allclose(images, generate(dit_compress.load_pipeline(run.ckpt), PROMPTS[0]), atol=1e-6)
     assert not np.array_equal(images, generate(_stock(tiny_pipeline(family)), PROMPTS[0]))
 
 
