@@ -28,18 +28,7 @@ from dit_compress.core.recipe import parse_recipe
 from dit_compress.data.calibration import build_calibration
 from dit_compress.evaluate.evaluator import Evaluator
 from dit_compress.export.onnx import export_onnx
-from dit_compress.stages.prune.intervals import plan_from_json
-from dit_compress.stages.prune.plug import plug, ppcl_plan
-
-
-def sizes(plan: dict) -> list[list[str]]:
-    """Plug sets to evaluate: none, each interval alone, each of the run's ratios, all; deduplicated,
-    fewest removed blocks first."""
-    intervals = plan_from_json(plan["intervals"])
-    removed = {iv.key: len(iv.blocks()) - 1 for iv in intervals}
-    sets = [[], *([iv.key] for iv in intervals), *plan["plugs"].values(), [iv.key for iv in intervals]]
-    unique = {tuple(sorted(s, key=lambda k: int(k.split("-")[0]))) for s in sets}
-    return [list(s) for s in sorted(unique, key=lambda s: (sum(removed[k] for k in s), s))]
+from dit_compress.stages.prune.plug import plug, plug_sizes, ppcl_plan
 
 
 def run(args) -> dict:
@@ -62,7 +51,7 @@ def run(args) -> dict:
 
     teacher_onnx = to_onnx(teacher, "teacher")[1]
     rows, t0, teacher_row = [], time.time(), None
-    for keys in sizes(plan):
+    for keys in plug_sizes(plan):
         label = ",".join(keys) or "none"
         logging.info("size with %s plugged", label)
         model = plug(ckpt, keys, args.teacher)

@@ -16,6 +16,7 @@ from dit_compress.errors import RecipeError, UnsupportedModelError
 from dit_compress.stages.prune.hybrid import ContiguousLayerObjective, PluggableSupernet, make_plans
 from dit_compress.stages.prune.intervals import Interval, ProxyCurves, candidate_costs, plan_removal, \
     proxy_curves, select_intervals, streams
+from dit_compress.stages.prune.plug import plug_sizes
 from dit_compress.stages.prune.ppcl import token_normalised_mse
 from dit_compress.stages.prune.width import attention_modules, replay_width_, width_prune_
 
@@ -189,6 +190,9 @@ def test_protected_block_is_the_anchor_and_smaller_sizes_are_nested_plugs():
     chosen, plugs = select_intervals(costs, 8, [1, 2, 4], protected={4})  # 1 block: no subset of those
     assert [iv.to_json() for iv in chosen] == [[0, 1, 0], [6, 7, 6], [3, 5, 4]]
     assert plugs == {1: ["0-1"], 2: ["0-1", "6-7"], 4: ["0-1", "6-7", "3-5"]}, "then smallest first, nested"
+    sizes = plug_sizes({"intervals": [iv.to_json() for iv in chosen], "plugs": {f"{k}": v for k, v in plugs.items()}})
+    assert sizes == [[], ["0-1"], ["6-7"], ["0-1", "6-7"], ["3-5"], ["0-1", "3-5", "6-7"]], \
+        "the teacher, each interval alone and every ratio's plug once, fewest removed blocks first"
     curves = ProxyCurves({0: [1.0, 0.99, 0.98]})
     assert ProxyCurves.from_json(curves.to_json()).cka == curves.cka
 

@@ -29,6 +29,16 @@ def parse_plug(text: str) -> list[str]:
     return keys
 
 
+def plug_sizes(plan: dict) -> list[list[str]]:
+    """The sizes worth evaluating in a PPCL plan: none, each interval alone, each of the run's
+    ratios, all; deduplicated, fewest removed blocks first (intervals in block order)."""
+    intervals = plan_from_json(plan["intervals"])
+    removed = {iv.key: len(iv.blocks()) - 1 for iv in intervals}
+    sets = [[], *([iv.key] for iv in intervals), *plan["plugs"].values(), [iv.key for iv in intervals]]
+    unique = {tuple(sorted(s, key=lambda k: int(k.split("-")[0]))) for s in sets}
+    return [list(s) for s in sorted(unique, key=lambda s: (sum(removed[k] for k in s), s))]
+
+
 def ppcl_plan(folder: Path) -> dict:
     """The plan of a checkpoint whose only stage is PPCL (the paper's method), else a clear error."""
     stages = read_manifest(folder)["stages"]
