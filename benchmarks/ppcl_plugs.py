@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from _provenance import stamp, with_header
+from ppcl_vs_baselines import _f
 
 from dit_compress.core.manifest import read_manifest
 from dit_compress.core.pin import load_pinned_teacher
@@ -79,10 +80,6 @@ def run(args) -> dict:
     write_table(out / "results.md", result)
     plot(out / "results.png", result)
     return result
-
-
-def _f(v, fmt="{:.3f}"):
-    return "n/a" if v is None else fmt.format(v)
 
 
 def write_table(path: Path, result: dict) -> None:
